@@ -1,0 +1,43 @@
+"""`make demo`: the main job end to end on CPU.
+
+1. A kernels example: Sinkhorn correspondence between two 20,000-point clouds with 64-channel
+   features, printing what a dense N x M matrix would have needed and what the step used.
+"""
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def kernels_example(n: int = 20_000, channels: int = 64) -> None:
+    """Warp one random cloud into another's order through the streaming Sinkhorn, fwd + bwd."""
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(1, n, channels), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(1, n, channels), dim=-1).requires_grad_()
+    points = torch.randn(1, n, 3)
+    before = _peak_rss_mb()
+    start = time.perf_counter()
+    warped = kernels.sinkhorn_correspondence(q, k, points)
+    warped.square().sum().backward()
+    seconds = time.perf_counter() - start
+    dense_gb = n * n * 4 / 1e9
+    print(f"[kernels] Sinkhorn correspondence, N = M = {n:,}, C = {channels}, forward + backward: {seconds:.1f} s")
+    print(f"[kernels] one dense fp32 N x M matrix would need {dense_gb:.1f} GB (autograd keeps several); "
+          f"this step raised peak memory by {_peak_rss_mb() - before:.0f} MB")
+
+
+def main() -> None:
+    kernels_example()
+
+
+if __name__ == "__main__":
+    main()
