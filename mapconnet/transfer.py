@@ -1,0 +1,129 @@
+"""Re-pose any identity mesh into the pose of any pose mesh with a trained checkpoint.
+
+    python -m mapconnet.transfer --pose POSE.obj --identity ID.obj --checkpoint C --out OUT.ply
+    mapconnet-transfer --pose frames/ --identity ID.ply --checkpoint C --out out_frames/
+
+The meshes may have different vertex counts and orders (obj/ply/off/glb, read with trimesh
+without re-processing, so vertex order is kept). The output keeps the identity mesh's faces and
+vertex order.
+
+Normalisation (how the model was trained): the training meshes are anny bodies in metres, Z up,
+bounding-box centred, adult heights (bounding-box extent along Z) in TRAIN_HEIGHT_RANGE. Each
+input is centred on its bounding-box centre and, if its height lies outside that range (a mesh in
+centimetres, a child, a giant), scaled uniformly into it. The output is mapped back with the
+identity mesh's own scale and centre, so it lies in the identity mesh's frame.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+from mapconnet.checkpoint import load_model
+from mapconnet.meshio import load_mesh, save_mesh
+
+# Heights of the default anny training identities (DATA-NOTES: about 1.51-1.98 m).
+TRAIN_HEIGHT_RANGE = (1.5, 2.0)
+MESH_SUFFIXES = (".obj", ".ply", ".off", ".glb", ".gltf", ".stl")
+# Per-vertex activation bytes of one forward (decoder widths 1024/512/256 and the encoder, fp32,
+# with a safety factor): what a mesh needs on top of the correspondence itself.
+BYTES_PER_VERTEX = 64 * 1024
+DENSE_BUFFERS = 4  # dense torch keeps scores, probabilities and two temporaries of size N_I x N_P
+
+
+def normalise(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centre a (V, 3) mesh and scale its height into TRAIN_HEIGHT_RANGE.
+
+    Returns the normalised vertices, the centre and the scale (normalised = (v - centre) * scale).
+    """
+    centre = (vertices.max(0) + vertices.min(0)) / 2
+    height = float(vertices[:, 2].max() - vertices[:, 2].min())
+    if height <= 0:
+        raise ValueError("mesh is flat along Z (height 0); expected a body standing along +Z")
+    lo, hi = TRAIN_HEIGHT_RANGE
+    scale = min(max(height, lo), hi) / height
+    return (vertices - centre) * scale, centre, scale
+
+
+def check_fits(n_identity: int, n_pose: int, backend: str) -> None:
+    """Raise if one forward pass would not fit in the available memory, saying what would fit."""
+    available = psutil.virtual_memory().available
+    need = (n_identity + n_pose) * BYTES_PER_VERTEX
+    if backend == "torch":
+        need += DENSE_BUFFERS * 4 * n_identity * n_pose
+    if need > available:
+        if backend == "torch":
+            fit = int(np.sqrt(available / (DENSE_BUFFERS * 4)))
+            hint = f"the dense 'torch' backend fits about {fit:,} vertices per mesh; use backend 'chunked' or 'auto'"
+        else:
+            hint = f"about {int(available / BYTES_PER_VERTEX / 2):,} vertices per mesh fit"
+        raise MemoryError(f"meshes of {n_identity:,} and {n_pose:,} vertices need about {need / 2**30:.1f} GiB "
+                          f"with backend {backend!r} but {available / 2**30:.1f} GiB is available; {hint}")
+
+
+def pose_files(path: Path) -> list[Path]:
+    """One pose mesh, or every mesh file of a folder in name order (e.g. frames of a motion)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in MESH_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"pose folder {path} holds no mesh files ({', '.join(MESH_SUFFIXES)})")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"pose mesh {path} does not exist")
+    return [path]
+
+
+def transfer(model, identity_vertices: np.ndarray, pose_vertices: np.ndarray, device="cpu"):
+    """Re-pose one identity mesh (V_I, 3) into one pose mesh's pose (V_P, 3).
+
+    Returns (output, warped), each (V_I, 3) in the identity mesh's frame and vertex order.
+    """
+    ident, centre, scale = normalise(identity_vertices)
+    pose, _, _ = normalise(pose_vertices)
+    as_batch = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device)[None]  # noqa: E731
+    with torch.no_grad():
+        result = model(as_batch(ident), as_batch(pose))
+    back = lambda t: t[0].double().cpu().numpy() / scale + centre  # noqa: E731
+    return back(result.output), back(result.warped)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pose", required=True, help="pose mesh, or a folder of pose meshes (frames)")
+    parser.add_argument("--identity", required=True, help="identity mesh to re-pose")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--out", required=True, help="output mesh (.ply/.obj), or a folder when --pose is a folder")
+    parser.add_argument("--warped", action="store_true", help="also write the warped mesh (correspondence only)")
+    parser.add_argument("--backend", default="auto", help="kernels backend (auto, torch, chunked, keops, triton)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    identity_vertices, identity_faces = load_mesh(args.identity, require_faces=True)
+    poses = pose_files(Path(args.pose))
+    model = load_model(args.checkpoint, device=args.device, backend=args.backend)
+    model.eval()
+    out = Path(args.out)
+    if Path(args.pose).is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        targets = [out / f"{p.stem}.ply" for p in poses]
+    else:
+        targets = [out]
+    written = []
+    for pose_path, target in tqdm(list(zip(poses, targets)), desc="transfer", unit="mesh", disable=len(poses) == 1):
+        pose_vertices, _ = load_mesh(pose_path)
+        check_fits(len(identity_vertices), len(pose_vertices), args.backend)
+        output, warped = transfer(model, identity_vertices, pose_vertices, args.device)
+        written.append(save_mesh(target, output, identity_faces))
+        if args.warped:
+            written.append(save_mesh(target.with_name(f"{target.stem}_warped{target.suffix}"), warped, identity_faces))
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
