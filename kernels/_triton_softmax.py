@@ -310,6 +310,8 @@ def _argmax_fwd_kernel(
 #   lse    (upstream g):             dS_ij = g_i P_ij
 # and the input gradients are
 #   dq_i = s sum_j dS_ij k_j,   dk_j = s sum_i dS_ij q_i,   dv_j = sum_i P_ij dO_i,   db_j = sum_i dS_ij.
+# The kernels accumulate the unscaled sums; the launcher multiplies dq and dk by s once (one
+# rounding instead of one per pair).
 # dq is a reduction over keys and dk, dv, db are reductions over queries, so two kernels each own
 # their output rows: _softmax_bwd_dq_kernel (one program per query block, looping over key tiles)
 # and _softmax_bwd_dkv_kernel (one program per key block, looping over query tiles, working in the
@@ -364,7 +366,7 @@ def _softmax_bwd_dq_kernel(
             ds = p * (dp - r[:, None])
         else:
             ds = p * r[:, None]
-        ds_in = (ds * scale).to(IN_DTYPE)
+        ds_in = ds.to(IN_DTYPE)
         if ONE_C:
             dq += _tile_matmul(ds_in, k_ptr, offs_m, M, stride_km, stride_kc, 0, C,
                                BLOCK_C, DOT_DTYPE, DOT_PRECISION, ACC)
@@ -443,7 +445,7 @@ def _softmax_bwd_dkv_kernel(
             dst = pt * r[None, :]
         if HAS_BIAS:
             db += tl.sum(dst, 1)
-        dst_in = (dst * scale).to(IN_DTYPE)
+        dst_in = dst.to(IN_DTYPE)
         if ONE_C:
             dk += _tile_matmul(dst_in, q_ptr, offs_n, N, stride_qn, stride_qc, 0, C,
                                BLOCK_C, DOT_DTYPE, DOT_PRECISION, ACC)
@@ -545,6 +547,10 @@ def _softmax_bwd(q, k, v, bias, scale, lse_saved, rowvec, dout, need_q, need_kvb
             *_strides2(lse_saved), *_strides2(rowvec), *_strides3(dk), *_strides3(dv), *_strides2(db),
             ONE_D=meta["ONE_D"], **common,
         )
+    if dq is not None:
+        dq.mul_(scale)
+    if dk is not None:
+        dk.mul_(scale)
     return dq, dk, dv, db
 
 
