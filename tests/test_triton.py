@@ -305,9 +305,9 @@ def test_nearest_ties_non_contiguous_and_float64():
     x = y[:, :N].clone()
     x[:, 5] = y[:, 3]
     x[:, 6] = y[:, 120] + 1e-4
-    y[:, 121] = y[:, 120] + 2e-4
+    y[:, 121] = y[:, 120] + 3e-4
     for dtype in (torch.float32, torch.float64):
-        xs = torch.cat([x, x], dim=-1).to(dtype)[..., ::2]  # stride 2 in the coordinates
+        xs = torch.stack([x, x], dim=-1).flatten(-2).to(dtype)[..., ::2]  # stride 2 in the coordinates
         ys = y.to(dtype).transpose(0, 1).contiguous().transpose(0, 1)  # batch stride 3, not M * 3
         assert not xs.is_contiguous() and not ys.is_contiguous()
         idx = tn.nearest_index(xs, ys)
