@@ -86,7 +86,9 @@ def _meta(q, k, d=None):
         IN_DTYPE=_TL[q.dtype], ACC=_TL[acc],
         # The interpreter's dot is np.matmul: widen operands (bf16 would multiply raw bits).
         DOT_DTYPE=_TL[acc] if _interpreting() else _TL[q.dtype],
-        DOT_PRECISION="tf32" if (q.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee",
+        # tf32 only for fp32 operands and only when torch itself allows it (off by default).
+        DOT_PRECISION="tf32" if (q.is_cuda and q.dtype == torch.float32
+                                 and torch.backends.cuda.matmul.allow_tf32) else "ieee",
     )
     meta["ONE_C"] = C <= meta["BLOCK_C"]
     if d is not None:
