@@ -76,7 +76,7 @@ def effective(case: Case) -> Case:
 # --------------------------------------------------------------------------------------------
 def _lse_calls(op: str) -> int:
     return {"softmax_lse": 1, "info_nce": 1, "softmax_attend": 0,
-            "sinkhorn": 2 * SINKHORN_ITERS - 1}[op]
+            "sinkhorn": 2 * SINKHORN_ITERS - 1, "train_step": 2 * SINKHORN_ITERS}[op]
 
 
 def matmul_flops(case: Case) -> float:
@@ -85,11 +85,11 @@ def matmul_flops(case: Case) -> float:
     One LSE: forward 2NMC (scores), backward 4NMC (dq, dk). One attend: forward 2NM(C + D),
     backward 4NM(C + D) (dq, dk, dv, dP). Chamfer has no matmul part (0).
     """
-    if case.op not in SOFTMAX_OPS:
+    if case.op not in SOFTMAX_OPS + ("train_step",):
         return 0.0
     p, c, d = case.b * case.n * case.m, case.c, D_VALUES
     lse = _lse_calls(case.op)
-    attend = 1 if case.op in ("softmax_attend", "sinkhorn") else 0
+    attend = 1 if case.op in ("softmax_attend", "sinkhorn", "train_step") else 0
     fwd = p * (2 * c * lse + 2 * (c + d) * attend)
     bwd = 2 * fwd
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
@@ -99,22 +99,28 @@ def matmul_flops(case: Case) -> float:
 # the forward of a training step keeps nearly as much): measured with the child-process RSS on this
 # machine at N = 1k..8k and rounded up (see RESULTS.md, "dense bytes per pair").
 DENSE_BYTES_PER_PAIR = {
-    "softmax_attend": 16,   # scores, softmax P (saved), dP, dS
-    "softmax_lse": 12,      # scores (saved by logsumexp), P, dS
-    "info_nce": 12,
-    "sinkhorn": 4 * (2 * SINKHORN_ITERS + 2) + 8,  # every LSE saves its (N, M) input
-    "chamfer": 28,          # (N, M, 3) differences, their squares, (N, M) sums
+    "softmax_attend": 16,   # measured 12.5 at 4k^2 (fwd alone 8): scores, softmax P (saved), dP, dS
+    "softmax_lse": 20,      # measured 15.5: scores (saved by logsumexp), exp, grad
+    "info_nce": 20,         # measured 15.6
+    "sinkhorn": 128,        # measured 115 at 2k^2: each of the 9 LSEs saves its (N, M) scores + temps
+    "train_step": 128 + 20,  # Sinkhorn correspondence + point InfoNCE (the model's all-pairs parts)
+    "chamfer": 28,          # measured 22.9 per B N M: (N, M, 3) differences, squares, (N, M) sums
 }
 
 
 def predicted_bytes(case: Case) -> float:
     """Peak extra memory of one call, predicted before trying it."""
     inputs = case.b * (case.n + case.m) * max(case.c, 3) * 4 * 3  # inputs, grads, outputs
+    if case.op == "train_step":
+        inputs += TRAIN_STEP_BYTES_PER_VERTEX * case.b * case.n  # per-vertex activations (C up to 1024)
     if case.provider == "torch":
         return DENSE_BYTES_PER_PAIR[case.op] * case.b * case.n * case.m + inputs
     if case.provider == "chunked":
-        return 4 * 16 * MiB + inputs  # ~4 live (rows, M) blocks of 4M fp32 scores
+        return 128 * MiB + inputs  # measured ~100 MB: a few live (rows, M) blocks of 4M fp32 scores
     return inputs + 16 * MiB
+
+
+TRAIN_STEP_BYTES_PER_VERTEX = 100 * 1024   # encoder x3 + decoder (1024/512/256 wide) activations, guessed
 
 
 def memory_budget_bytes() -> tuple[float, str]:
@@ -147,6 +153,9 @@ def predicted_seconds(case: Case) -> float:
         per = {"torch": 2.5e-8, "chunked": 1.8e-8, "keops": 1.3e-9, "triton": 1e-7}.get(case.provider, 1e-8)
         return per * case.pairs
     p = case.b * case.n * case.m
+    if case.op == "train_step":
+        per_pair = 3e-8 + case.c * 2.5e-11 if case.provider != "keops" else 2.5e-7 + case.c * 6e-10
+        return p * per_pair * (_lse_calls(case.op) * 0.8 + 1) * 2.3 + 3e-4 * case.b * case.n
     if case.provider == "keops":
         fwd, bwd = 2.5e-7 + case.c * 6e-10, 4.0
     elif case.provider == "triton":  # interpreter
@@ -200,6 +209,9 @@ def build(case: Case, dev: torch.device):
 
 def callables(case: Case, dev: torch.device):
     """(setup, target) for ``benchmark.pedantic``; the target synchronises the device."""
+    if case.op == "train_step":
+        from bench.bench_train_step import training_step
+        return training_step(case, dev)
     leaves, forward = build(case, dev)
     grad_out: dict[str, torch.Tensor] = {}
 
@@ -374,6 +386,12 @@ def provider_status(op: str, provider: str, dev: torch.device) -> str | None:
         return "not run: interpreter only, no GPU"
     if provider == "kdtree" and op != "chamfer":
         return "not applicable"
+    if op == "train_step":
+        try:
+            from bench.bench_train_step import make_model  # noqa: F401
+            importlib.import_module("mapconnet.model")
+        except Exception as e:  # noqa: BLE001 - the model is written by another engineer
+            return f"not run: mapconnet.model unavailable ({type(e).__name__}: {str(e)[:100]})"
     family = "nearest" if op == "chamfer" else "softmax"
     name = dispatch._MODULES.get((family, provider))
     if name is None:
