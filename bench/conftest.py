@@ -24,6 +24,8 @@ FULL_BUDGET_S = 20.0
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "full: part of the long sweep only (make bench-full)")
+    # pytest-benchmark writes --benchmark-json at the end of the session but does not create its folder
+    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
 
 
 def pytest_collect_file(file_path, parent):

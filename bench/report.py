@@ -286,6 +286,15 @@ def render(rows, plot_names, plot_rel):
              "(pairs = 2 B N M). TFLOP/s counts the matmul parts algorithmically (no recompute; LSE "
              "2NMC fwd, 4NMC bwd; attend 2NM(C+D) fwd, 4NM(C+D) bwd), identically for every provider.", ""]
 
+    lines += ["How to repeat (from the repository root):", "",
+              "```",
+              "make bench                      # quick CPU subset -> bench/results/cpu-quick.json, then this report",
+              "make bench-full                 # the whole sweep  -> bench/results/cpu-full.json",
+              ".venv/bin/python -m pytest bench/bench_softmax_attend.py --benchmark-only -k 'fwd+bwd-N8192-C256-B1'",
+              ".venv/bin/python -m pytest bench/bench_chamfer.py --benchmark-only -k 'fwd+bwd-N100000-C3-B1'",
+              "BENCH_SMOKE=1 .venv/bin/python -m pytest bench --benchmark-only -m 'not full'   # debug: sizes / 64",
+              "```", ""]
+
     # Runs
     lines += ["## Runs", ""]
     runs = defaultdict(list)
