@@ -144,13 +144,13 @@ def predicted_seconds(case: Case) -> float:
 
     Fitted to single measurements here (torch 2.13, 2 shared cores): dense/chunked softmax
     forward ~3e-8 s per pair + C * 2.5e-11; KeOps SumSoftMaxWeight ~2.5e-7 + C * 6e-10 per pair
-    (forward), backward ~4x; chamfer per pair: dense 2.5e-8, chunked 1.8e-8, KeOps 1.3e-9;
+    (forward), backward ~4x; chamfer per pair: dense 2.5e-8, chunked 3e-9, KeOps 6e-10;
     cKDTree ~1.5e-6 s per point.
     """
     if case.op == "chamfer":
         if case.provider == "kdtree":
             return 1.5e-6 * 2 * case.b * case.n * (1.5 if case.mode != "fwd" else 1.0)
-        per = {"torch": 2.5e-8, "chunked": 1.8e-8, "keops": 1.3e-9, "triton": 1e-7}.get(case.provider, 1e-8)
+        per = {"torch": 2.5e-8, "chunked": 3e-9, "keops": 6e-10, "triton": 1e-7}.get(case.provider, 1e-8)
         return per * case.pairs
     p = case.b * case.n * case.m
     if case.op == "train_step":

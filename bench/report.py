@@ -18,6 +18,8 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = ("torch", "chunked", "keops", "triton", "kdtree")
+COLORS = {"torch": "tab:blue", "chunked": "tab:orange", "keops": "tab:green", "triton": "tab:purple",
+          "kdtree": "tab:red"}
 SOFTMAX_OPS = ("softmax_attend", "softmax_lse", "info_nce", "sinkhorn")
 OPS = SOFTMAX_OPS + ("chamfer", "train_step")
 
@@ -225,13 +227,14 @@ def plots(idx, plot_dir):
         for prov in PROVIDERS:
             pts = series.get(prov)
             if pts:
-                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
+                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[prov], label=prov)
                 mem = [(p[0], max(p[2], 0.1)) for p in pts if p[2] is not None and not math.isnan(p[2])]
                 if mem:
-                    ax_m.plot([p[0] for p in mem], [p[1] for p in mem], "o-", label=prov)
+                    ax_m.plot([p[0] for p in mem], [p[1] for p in mem], "o-", color=COLORS[prov], label=prov)
             if predicted.get(prov):
                 pp = predicted[prov]
-                ax_m.plot([p[0] for p in pp], [p[1] for p in pp], "x:", label=f"{prov} (predicted, skipped)")
+                ax_m.plot([p[0] for p in pp], [p[1] for p in pp], "x:", color=COLORS[prov],
+                           label=f"{prov} (predicted, skipped)")
         for ax, ylabel in ((ax_t, "median time per call (s)"), (ax_m, "peak extra memory (MB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")

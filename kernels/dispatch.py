@@ -29,17 +29,23 @@ _MODULES = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The auto rule. Thresholds are pair counts B * N * M, measured with `make bench` on a 2-core CPU
-# (torch 2.13 CPU, see bench/RESULTS.md):
-# - softmax family on CPU: dense torch is faster than chunked while the (B, N, M) score matrix is
-#   small enough to stay cheap to allocate; past ~4M pairs chunked matches it in time and wins in
-#   memory (dense fwd+bwd keeps several N x M buffers).
-# - nearest on CPU: the dense difference tensor (B, N, M, 3) is 12x the pair count in fp32; the
-#   KD-tree (O(N log M)) beats it from ~1M pairs and KeOps on every size measured.
-# - CUDA: Triton whenever it imports (fused, O(N + M) memory); dense torch only below ~1M pairs
-#   where launch overhead dominates.
-CPU_DENSE_MAX_PAIRS = 4 * 1024 * 1024
-CPU_NEAREST_DENSE_MAX_PAIRS = 1024 * 1024
+# The auto rule. Thresholds are pair counts B * N * M per call, set from `make bench`
+# (bench/results/cpu-quick.json, tables in bench/RESULTS.md "The auto rule and the data behind it";
+# 2 shared CPU cores, torch 2.13 CPU, fp32, forward + backward):
+# - softmax family on CPU: chunked costs ~1.2x dense at 1M-4M pairs for attend (1.04-1.18x for
+#   lse / info_nce), ~1.1x at 16M, and is faster from 16M-67M pairs (attend 8192^2: 0.9x, 109 MB vs
+#   781 MB); dense keeps ~12-16 bytes per pair alive (Sinkhorn ~115). Sinkhorn (9 LSEs + attend,
+#   the model's main all-pairs call) is already 1.5-1.7x faster chunked at 1M-4M pairs, so the
+#   threshold is 1M pairs (N = M = 1024): there dense wins a single attend/lse by <= 4 ms
+#   (15 vs 19 ms), and above it the cases where dense would still win (single attend/lse at
+#   1M-16M pairs) cost <= 25% more chunked while dense memory grows 12+ B/pair.
+# - nearest on CPU: the KD-tree ties dense chamfer at 256^2 = 65,536 pairs per direction and is
+#   4x faster at 512^2, 9x at 1024^2, 80x at 4096^2 (dense: ~23 bytes per pair; 100k points would
+#   need ~260 GB; kdtree does 100k in 0.2 s, KeOps in ~10 s).
+# - CUDA: not measured yet (no GPU in the benchmarking session); 1M pairs is the prior: dense torch
+#   only where launch overhead dominates, Triton above (fused, O(N + M) memory).
+CPU_DENSE_MAX_PAIRS = 1024 * 1024
+CPU_NEAREST_DENSE_MAX_PAIRS = 256 * 256
 CUDA_DENSE_MAX_PAIRS = 1024 * 1024
 
 
