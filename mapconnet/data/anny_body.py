@@ -40,7 +40,9 @@ FOREARM_TWIST = (-50, 50)
 WRIST_FLEX, WRIST_DEVIATION = (-40, 40), (-15, 15)
 HIP_FLEX, HIP_ABDUCTION, HIP_TWIST = (-20, 100), (-10, 30), (-30, 30)
 KNEE_FLEX = (0, 120)  # with probability 0.4 scaled down to near-straight
-ANKLE_FLEX, ANKLE_INVERSION, ANKLE_ROTATION = (-20, 35), (-15, 15), (-15, 15)
+# Ankle: positive = plantarflexion (toes down, anatomically up to ~50 degrees), negative =
+# dorsiflexion (toes up, ~20 degrees); both kept inside the anatomical range.
+ANKLE_PLANTARFLEXION, ANKLE_INVERSION, ANKLE_ROTATION = (-20, 35), (-15, 15), (-15, 15)
 
 # Identity ranges (anny phenotype values in [0, 1]) that give varied adults: age 0.72..0.90 is
 # about 17..83 years (anny's age is piecewise: 0.67 = 16 y, 0.77 = 18 y, 0.83 = 64 y); height
@@ -53,7 +55,7 @@ BMI_RANGE = (17.0, 36.0)
 
 
 def rotation(axis, degrees: float) -> np.ndarray:
-    """3x3 rotation about a unit axis (Rodrigues)."""
+    """(3, 3) float64 rotation by `degrees` about `axis` ((3,), normalised here; Rodrigues)."""
     axis = np.asarray(axis, dtype=np.float64)
     axis = axis / np.linalg.norm(axis)
     a = math.radians(degrees)
@@ -62,7 +64,7 @@ def rotation(axis, degrees: float) -> np.ndarray:
 
 
 def swing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Smallest rotation taking unit direction a onto unit direction b."""
+    """(3, 3) smallest rotation taking direction a (3,) onto direction b (3,)."""
     a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
     axis = np.cross(a, b)
     s = np.linalg.norm(axis)
@@ -72,6 +74,8 @@ def swing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def euler_xyz(flex: float, lateral: float, twist: float) -> np.ndarray:
+    """3x3 rotation: flex about X (positive bends an upright segment forward, toward -Y), then
+    lateral about Y, then twist about Z (degrees)."""
     return rotation([0, 0, 1], twist) @ rotation([0, 1, 0], lateral) @ rotation([1, 0, 0], flex)
 
 
@@ -80,7 +84,11 @@ def load_model():
     """The anny model in float32 (first call builds anny's cache: ~70-100 s, then 0.4 s)."""
     import anny
 
-    return anny.Anny(topology=TOPOLOGY, rig="anny").to(torch.float32)
+    model = anny.Anny(topology=TOPOLOGY, rig="anny").to(torch.float32)
+    if tuple(model.phenotype_labels) != PHENOTYPES:
+        raise RuntimeError(f"anny {anny_version()} orders its phenotypes {model.phenotype_labels}; this "
+                           f"generator assumes {PHENOTYPES} (update mapconnet.data.anny_body)")
+    return model
 
 
 def anny_version() -> str:
@@ -101,6 +109,7 @@ class PoseSampler:
         self.upper_arm_rest = head("lowerarm01.L") - head("upperarm01.L")  # shoulder -> elbow
         self.upper_arm_rest /= np.linalg.norm(self.upper_arm_rest)
         forearm = head("wrist.L") - head("lowerarm01.L")
+        self.forearm_rest = forearm / np.linalg.norm(forearm)  # pronation/supination axis
         self.elbow_hinge = np.cross(self.upper_arm_rest, forearm)
         self.elbow_hinge /= np.linalg.norm(self.elbow_hinge)
 
@@ -135,15 +144,18 @@ class PoseSampler:
             "clavicle": rotation([0, 0, 1], u(CLAVICLE_PROTRACTION)) @ rotation([0, -1, 0], clavicle_up),
             "upperarm01": shoulder,
             "lowerarm01": rotation(self.elbow_hinge, u(ELBOW_FLEX)),
-            "lowerarm02": rotation(self.upper_arm_rest, u(FOREARM_TWIST)),
+            # pronation/supination turns the forearm about its own axis (not the upper arm's,
+            # which would swing the pre-flexed forearm sideways)
+            "lowerarm02": rotation(self.forearm_rest, u(FOREARM_TWIST)),
             "wrist": rotation([1, 0, 0], u(WRIST_FLEX)) @ rotation([0, 1, 0], u(WRIST_DEVIATION)),
             # hip flexion brings the leg forward (-Y): negative about X; abduction moves the left
             # leg toward +X: negative about Y
             "upperleg01": rotation([0, 0, 1], u(HIP_TWIST)) @ rotation([0, -1, 0], u(HIP_ABDUCTION))
             @ rotation([-1, 0, 0], u(HIP_FLEX)),
             "lowerleg01": rotation([1, 0, 0], knee),  # the shin swings backward
+            # the foot points forward (-Y): a positive angle about +X turns the toes down
             "foot": rotation([0, 0, 1], u(ANKLE_ROTATION)) @ rotation([0, 1, 0], u(ANKLE_INVERSION))
-            @ rotation([-1, 0, 0], u(ANKLE_FLEX)),
+            @ rotation([1, 0, 0], u(ANKLE_PLANTARFLEXION)),
         }
 
 

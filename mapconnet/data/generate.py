@@ -6,13 +6,15 @@
 Writes DIR/vertices.npy ((I + TI, P + TP, V, 3) float32, memory-mappable; identities and poses in
 manifest order: training first, then test), DIR/faces.npy ((F, 3) int64) and DIR/manifest.json
 (anny and generator versions, seed, phenotypes, pose parameters, splits, test lists, checksums,
-rejection counts). Everything is written into DIR.partial-<pid> and renamed when complete, so an
-interrupted run leaves no half dataset (a stale partial folder is removed by the next run).
-The same seed and arguments give byte-identical vertices.
+rejection counts, timings), and DIR/preview.png with --preview. Everything is written into
+DIR.partial-<pid> and renamed when complete, so an interrupted run leaves no half dataset (the
+next run removes the partial folder of a dead process and starts again). Running again with the
+same data arguments on a finished folder does nothing; other arguments need --overwrite.
+The same seed and arguments give byte-identical vertices (on the same machine and torch build).
 
-Sizes: the demo set above (a couple of minutes on 2 cores); the published shape
-`--identities 16 --poses 400 --test-identities 14 --test-poses 200 --resolution smpl`; a larger
-one `--identities 30 --poses 800`.
+Sizes: `--preset demo` (the command above; a couple of minutes on 2 cores), `--preset published`
+(16 x 400 train, 14 identities x 200 poses test, 400 test pairs: the published SMPL shape) and
+`--preset large` (30 x 800). Explicit size flags override the preset.
 """
 from __future__ import annotations
 
@@ -31,26 +33,46 @@ from tqdm import tqdm
 from . import anny_body
 from .resolution import RESOLUTIONS, apply_map, resolution_map
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # bump whenever the same arguments would give different data
 POSE_CHUNK = 32  # meshes per anny forward
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PRESETS = {
+    # name: (identities, poses, test identities, test poses, test pairs)
+    "demo": (8, 32, 4, 8, 64),  # CPU demo and smoke tests (a couple of minutes on 2 cores)
+    "published": (16, 400, 14, 200, 400),  # the shape of the published SMPL set
+    "large": (30, 800, 14, 200, 400),
+}
+SIZE_FLAGS = ("identities", "poses", "test_identities", "test_poses", "test_pairs")
+DEFAULTS = (8, 32, 4, 8, 400)
+# Arguments that change the data; a finished folder made with the same ones is reused.
+DATA_ARGUMENTS = SIZE_FLAGS + ("seed", "resolution", "collision_identities")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (no side effects). Sizes not given come from --preset, else DEFAULTS."""
+    p = argparse.ArgumentParser(prog="python -m mapconnet.data.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--identities", type=int, default=8, help="training identities")
-    p.add_argument("--poses", type=int, default=32, help="training poses")
-    p.add_argument("--test-identities", type=int, default=4, help="unseen test identities")
-    p.add_argument("--test-poses", type=int, default=8, help="unseen test poses")
-    p.add_argument("--test-pairs", type=int, default=400, help="triplets per test list")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="sizes of a standard set (explicit flags win)")
+    p.add_argument("--identities", type=int, help=f"training identities (default {DEFAULTS[0]})")
+    p.add_argument("--poses", type=int, help=f"training poses (default {DEFAULTS[1]})")
+    p.add_argument("--test-identities", type=int, help=f"unseen test identities (default {DEFAULTS[2]})")
+    p.add_argument("--test-poses", type=int, help=f"unseen test poses (default {DEFAULTS[3]})")
+    p.add_argument("--test-pairs", type=int, help=f"triplets in each test list (default {DEFAULTS[4]})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="smpl")
+    p.add_argument("--resolution", choices=list(RESOLUTIONS), default="smpl",
+                   help="vertex count of every mesh: lite 1,723; smpl 6,890; full 13,348; x4 ~53k; x16 ~213k")
     p.add_argument("--collision-identities", type=int, default=3,
                    help="a pose is kept only if collision-free on this many of the heaviest training identities")
     p.add_argument("--preview", action="store_true", help="render a grid of sampled bodies to DIR/preview.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     args = p.parse_args(argv)
-    for name in ("identities", "poses", "test_identities", "test_poses", "test_pairs"):
+    preset = PRESETS[args.preset] if args.preset else DEFAULTS
+    for name, default in zip(SIZE_FLAGS, preset):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name in SIZE_FLAGS + ("collision_identities",):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.test_identities < 2 or args.test_poses < 2:
@@ -61,11 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _collides(detector, vertices: np.ndarray) -> bool:
+    """Whether one (V, 3) full-resolution mesh intersects itself (anny's triangle-triangle test)."""
     return bool((detector.detect_self_intersections(torch.from_numpy(vertices)) >= 0).any())
 
 
 def sample_poses(model, sampler, count, rng, check_phenotypes, detector) -> tuple[np.ndarray, int]:
-    """`count` poses, each collision-free on every check phenotype; returns them and the rejections."""
+    """Sample `count` poses, each collision-free on every check phenotype.
+
+    Args: model (anny), sampler (anny_body.PoseSampler), rng, check_phenotypes (K, 6) float32,
+    detector (anny SelfInterpenetrationModule). Returns ((count, 104, 4, 4) float32 poses, rejected).
+    """
     kept, rejected = [], 0
     with tqdm(total=count, desc="sampling poses", unit="pose") as bar:
         while len(kept) < count:
@@ -93,16 +120,113 @@ def test_lists(rng, train_ids, test_ids, test_poses, pairs) -> dict[str, list[li
     return {"unseen": [draw(test_ids) for _ in range(pairs)], "seen": [draw(train_ids) for _ in range(pairs)]}
 
 
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex digest of a file, read in 16 MB chunks (vertices.npy can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove DIR.partial-<pid> folders of runs that were interrupted (their process is gone)."""
+    for stale in out.parent.glob(f"{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _existing(out: Path, args: argparse.Namespace) -> bool:
+    """True when `out` is a finished dataset made by this generator with the same data arguments.
+
+    Raises FileExistsError when `out` exists but holds something else (and --overwrite is not given).
+    """
+    manifest_path = out / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        old = manifest["arguments"]
+        same = manifest["generator_version"] == GENERATOR_VERSION and all(
+            old.get(k) == getattr(args, k) for k in DATA_ARGUMENTS)
+    except (OSError, ValueError, KeyError, TypeError):
+        same, old = False, None
+    if same and (out / "vertices.npy").is_file() and (out / "faces.npy").is_file():
+        return True
+    if old is None:
+        why = f"it is not a finished dataset ({manifest_path} missing or unreadable)"
+    else:
+        diff = {k: (old.get(k), getattr(args, k)) for k in DATA_ARGUMENTS if old.get(k) != getattr(args, k)}
+        why = f"it was made with different arguments (old, new): {diff or 'generator version changed'}"
+    raise FileExistsError(f"dataset folder {out} already exists and {why}; pass --overwrite to replace it")
+
+
+def _preview(out_png: Path, vertices: np.ndarray, faces: np.ndarray, resolution: str, template_faces) -> None:
+    from .preview import render_preview
+
+    if resolution in ("x4", "x16"):
+        # Subdivision keeps the template's vertices first and unchanged: draw those with the
+        # template's faces (matplotlib cannot draw 400k triangles per panel in reasonable time).
+        vertices, faces = vertices[:, :, : int(template_faces.max()) + 1], template_faces
+    render_preview(vertices, faces, out_png)
+
+
 def main(argv: list[str] | None = None) -> Path:
+    """Generate (or reuse) a dataset as described in the module docstring; returns its folder.
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+    Returns:
+        the dataset folder (pathlib.Path). If it already holds a finished dataset made with the
+        same data arguments, nothing is regenerated (a missing preview is rendered if asked).
+    Raises:
+        FileExistsError: the folder exists with other content and --overwrite was not given.
+    """
     args = parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"dataset folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not args.overwrite and _existing(out, args):
+        if args.preview and not (out / "preview.png").is_file():
+            from .datasets import open_dataset
+
+            ds = open_dataset(out)
+            model = anny_body.load_model()
+            _preview(out / "preview.png", ds.vertices, ds.faces, args.resolution, model.faces.numpy())
+        print(f"{out} already holds this dataset (same arguments); nothing to do")
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{out.name}.partial-*"):
-        shutil.rmtree(stale)  # an interrupted earlier run: restart cleanly
+    _remove_stale_partials(out)
     work = out.parent / f"{out.name}.partial-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
     work.mkdir()
+    try:
+        manifest = _generate(args, work)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # restart cleanly next time
+        raise
+    r = manifest["rejections"]
+    print(f"wrote {out}: {manifest['num_identities']} identities x {manifest['num_poses']} poses x "
+          f"{manifest['num_vertices']} vertices in {manifest['seconds']['total']} s; pose rejection "
+          f"rate {r['pose_rejection_rate']:.1%} ({r['poses_collision']} of "
+          f"{r['poses_collision'] + manifest['num_poses']}); identity (BMI) rejections {r['identities_bmi']}")
+    return out
+
+
+def _generate(args: argparse.Namespace, work: Path) -> dict:
+    """Write vertices.npy, faces.npy, manifest.json (and preview.png) into `work`; return the manifest."""
+    timings = {}
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -113,54 +237,71 @@ def main(argv: list[str] | None = None) -> Path:
     detector = SelfInterpenetrationModule(model)
     n_ids, n_poses = args.identities + args.test_identities, args.poses + args.test_poses
     phenotypes, id_rejected = anny_body.sample_identities(model, n_ids, rng)
-    heaviest = np.argsort(-phenotypes[: args.identities, 3])[: args.collision_identities]
+    # Weight drives the volume of soft tissue, hence contacts (arms against a belly, thighs).
+    heaviest = np.argsort(-phenotypes[: args.identities, 3], kind="stable")[: args.collision_identities]
     sampler = anny_body.PoseSampler(model)
+    t = time.perf_counter()
     poses, pose_rejected = sample_poses(model, sampler, n_poses, rng, phenotypes[heaviest], detector)
+    timings["sampling_poses"] = round(time.perf_counter() - t, 2)
 
+    t = time.perf_counter()
     neutral = np.full((1, len(anny_body.PHENOTYPES)), 0.5, dtype=np.float32)
     rest = anny_body.posed_vertices(model, neutral, np.eye(4, dtype=np.float32)[None, None].repeat(104, 1))
     tag = f"anny{anny_body.anny_version()}-{anny_body.TOPOLOGY}"
-    W, faces = resolution_map(args.resolution, rest[0].astype(np.float64), model.faces.numpy(), tag)
+    template_faces = model.faces.numpy().astype(np.int64)
+    W, faces = resolution_map(args.resolution, rest[0].astype(np.float64), template_faces, tag)
     V = W.shape[0] if W is not None else rest.shape[1]
+    timings["resolution_map"] = round(time.perf_counter() - t, 2)
 
-    vertices = np.lib.format.open_memmap(work / "vertices.npy", mode="w+", dtype=np.float32, shape=(n_ids, n_poses, V, 3))
+    t = time.perf_counter()
+    vertices = np.lib.format.open_memmap(work / "vertices.npy", mode="w+", dtype=np.float32,
+                                         shape=(n_ids, n_poses, V, 3))
     with tqdm(total=n_ids * n_poses, desc=f"meshes ({args.resolution}, {V} vertices)", unit="mesh") as bar:
         for i in range(n_ids):
             for p0 in range(0, n_poses, POSE_CHUNK):
                 chunk = poses[p0:p0 + POSE_CHUNK]
-                vertices[i, p0:p0 + len(chunk)] = apply_map(W, anny_body.posed_vertices(model, phenotypes[i:i + 1], chunk))
+                full = anny_body.posed_vertices(model, phenotypes[i:i + 1], chunk)  # (B, 13348, 3)
+                vertices[i, p0:p0 + len(chunk)] = apply_map(W, full)
                 bar.update(len(chunk))
     vertices.flush()
     np.save(work / "faces.npy", faces.astype(np.int64))
+    timings["meshes"] = round(time.perf_counter() - t, 2)
 
     train_ids, test_ids = list(range(args.identities)), list(range(args.identities, n_ids))
     train_poses, test_poses = list(range(args.poses)), list(range(args.poses, n_poses))
+    arguments = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
     manifest = {
         "generator_version": GENERATOR_VERSION, "anny_version": anny_body.anny_version(),
         "topology": anny_body.TOPOLOGY, "resolution": args.resolution, "num_vertices": int(V),
-        "seed": args.seed, "arguments": vars(args),
+        "num_faces": int(len(faces)), "num_identities": n_ids, "num_poses": n_poses,
+        "seed": args.seed, "arguments": arguments,
         "phenotype_labels": list(anny_body.PHENOTYPES), "phenotypes": phenotypes.tolist(),
+        "pose_bones": list(model.bone_labels),
+        "pose_parameters_note": "rotation part (3x3, local-ref, rounded to 1e-6) of each pose's 104 bone transforms",
         "pose_parameters": poses[:, :, :3, :3].round(6).tolist(),
+        "collision_identities": [int(i) for i in heaviest],
         "train_identities": train_ids, "test_identities": test_ids,
         "train_poses": train_poses, "test_poses": test_poses,
         "test_lists": test_lists(rng, train_ids, test_ids, test_poses, args.test_pairs),
         "rejections": {"identities_bmi": id_rejected, "poses_collision": pose_rejected,
                        "pose_rejection_rate": pose_rejected / (pose_rejected + n_poses)},
-        "sha256": {name: hashlib.sha256((work / name).read_bytes()).hexdigest() for name in ("vertices.npy", "faces.npy")},
-        "seconds": round(time.perf_counter() - start, 1),
+        "sha256": {name: _sha256(work / name) for name in ("vertices.npy", "faces.npy")},
     }
-    (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if args.preview:
-        from .preview import render_preview
-
-        render_preview(vertices, faces, work / "preview.png")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
-    print(f"wrote {out}: {n_ids} identities x {n_poses} poses x {V} vertices in {manifest['seconds']} s; "
-          f"pose rejection rate {manifest['rejections']['pose_rejection_rate']:.1%}")
-    return out
+        t = time.perf_counter()
+        _preview(work / "preview.png", vertices, faces, args.resolution, template_faces)
+        timings["preview"] = round(time.perf_counter() - t, 2)
+    timings["total"] = round(time.perf_counter() - start, 2)
+    manifest["seconds"] = timings
+    tmp = work / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, work / "manifest.json")
+    del vertices
+    return manifest
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileExistsError as e:
+        raise SystemExit(f"error: {e}") from None
