@@ -1,0 +1,190 @@
+"""MAPConNet: encoder, streaming Sinkhorn correspondence and ElaIN decoder (ARCHITECTURE.md s.4).
+
+Tensors are channel-last, (B, N, C). Every layer acts per vertex (linear = 1x1 convolution) and
+every normalisation pools over all vertices, so the model is equivariant to vertex order: permuting
+the identity mesh's vertices permutes the output the same way, and the pose mesh's order does not
+matter at all. The correspondence never builds an N_I x N_P matrix unless backend "torch" is asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+
+
+@dataclass
+class ModelConfig:
+    feature_dim: int = 256  # encoder output F; the first half is the identity code, the second the pose code
+    encoder_widths: tuple[int, int] = (64, 128)  # the two layers before the feature layer
+    residual_blocks: int = 4
+    decoder_widths: tuple[int, ...] = (1024, 512, 256)
+    eps: float = 0.03  # Sinkhorn entropic regularisation (logits C / eps)
+    iters: int = 5  # Sinkhorn iterations
+    backend: str = "auto"  # kernels backend: auto, torch, chunked, keops, triton
+    checkpoint_decoder: bool = False  # recompute decoder activations in the backward (memory for time)
+    init_gain: float = 0.02  # Xavier-normal gain of every linear weight
+
+    def __post_init__(self):
+        self.encoder_widths = tuple(self.encoder_widths)
+        self.decoder_widths = tuple(self.decoder_widths)
+        if self.feature_dim < 2 or self.feature_dim % 2:
+            raise ValueError(f"feature_dim must be even and >= 2 (identity and pose halves), got {self.feature_dim}")
+        if not self.decoder_widths:
+            raise ValueError("decoder_widths must name at least one stage")
+        if self.backend != "auto" and self.backend not in kernels.dispatch.SOFTMAX_BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {kernels.dispatch.SOFTMAX_BACKENDS}, got {self.backend!r}")
+
+
+@dataclass
+class TransferOutput:
+    output: torch.Tensor  # (B, N_I, 3) the identity mesh re-posed, identity vertex order
+    warped: torch.Tensor  # (B, N_I, 3) the pose mesh's vertices warped into identity order
+    identity_features: torch.Tensor  # (B, N_I, F) E(identity mesh)
+    pose_features: torch.Tensor  # (B, N_P, F) E(pose mesh)
+    warped_features: torch.Tensor  # (B, N_I, F) E(warped mesh)
+    matching: torch.Tensor  # (B, N_I) int64: pose vertex matched to each identity vertex (no grad)
+
+
+def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample, per-channel normalisation over vertices. x (B, N, C)."""
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+class ResidualBlock(nn.Module):
+    """h <- PReLU(h + IN(linear(PReLU(IN(linear(h))))))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.act1, self.act2 = nn.PReLU(), nn.PReLU()
+
+    def forward(self, h):
+        return self.act2(h + instance_norm(self.fc2(self.act1(instance_norm(self.fc1(h))))))
+
+
+class Encoder(nn.Module):
+    """Per-vertex features (B, N, F) of a mesh (B, N, 3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w1, w2 = cfg.encoder_widths
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, w1), nn.Linear(w1, w2), nn.Linear(w2, cfg.feature_dim)
+        self.blocks = nn.ModuleList(ResidualBlock(cfg.feature_dim) for _ in range(cfg.residual_blocks))
+
+    def forward(self, x):
+        h = instance_norm(self.fc1(x))
+        h = instance_norm(self.fc2(F.leaky_relu(h, 0.2)))
+        h = F.normalize(instance_norm(self.fc3(F.leaky_relu(h, 0.2))), dim=-1)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+class ElaIN(nn.Module):
+    """Elastic instance normalisation of x (B, N, C) conditioned on an identity code z (B, N, Z).
+
+    The scale and shift blend the code's prediction and x's own statistics with a learned
+    per-channel weight w computed from the code's mean and x's mean:
+    gamma = w * g(z') + (1 - w) * sigma_x, beta = w * b(z') + (1 - w) * mu_x.
+    """
+
+    def __init__(self, width: int, code_dim: int):
+        super().__init__()
+        self.code = nn.Linear(code_dim, width)
+        self.blend = nn.Linear(2 * width, width)
+        self.gamma, self.beta = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x, z):
+        zc = self.code(z)  # (B, N, C)
+        mu = x.mean(dim=1, keepdim=True)  # (B, 1, C)
+        sigma = torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
+        w = self.blend(torch.cat([zc.mean(dim=1, keepdim=True), mu], dim=-1))  # (B, 1, C)
+        gamma = w * self.gamma(zc) + (1 - w) * sigma
+        beta = w * self.beta(zc) + (1 - w) * mu
+        return (x - mu) / sigma * (1 + gamma) + beta
+
+
+class ElaINResBlock(nn.Module):
+    """shortcut = SN(lrelu(ElaIN_s(x))); residual = SN(lrelu(ElaIN_1(SN(lrelu(ElaIN_0(x)))))); sum."""
+
+    def __init__(self, width: int, code_dim: int):
+        super().__init__()
+        self.norm_s, self.norm_0, self.norm_1 = (ElaIN(width, code_dim) for _ in range(3))
+        self.fc_s, self.fc_0, self.fc_1 = (spectral_norm(nn.Linear(width, width)) for _ in range(3))
+
+    def forward(self, x, z):
+        shortcut = self.fc_s(F.leaky_relu(self.norm_s(x, z), 0.2))
+        h = self.fc_0(F.leaky_relu(self.norm_0(x, z), 0.2))
+        return shortcut + self.fc_1(F.leaky_relu(self.norm_1(h, z), 0.2))
+
+
+class Decoder(nn.Module):
+    """Refines the warped mesh W (B, N, 3) into Y (B, N, 3) conditioned on the identity code."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        code_dim = cfg.feature_dim // 2
+        widths = cfg.decoder_widths
+        self.lift = nn.Linear(3, widths[0])
+        self.stages = nn.ModuleList(nn.Linear(c_in, c) for c_in, c in zip((widths[0],) + widths[:-1], widths))
+        self.blocks = nn.ModuleList(ElaINResBlock(c, code_dim) for c in widths)
+        self.out = nn.Linear(widths[-1], 3)
+
+    def forward(self, warped, code):
+        h = self.lift(warped)
+        for stage, block in zip(self.stages, self.blocks):
+            h = block(stage(h), code)
+        return 2 * torch.tanh(self.out(h))
+
+
+class MAPConNet(nn.Module):
+    """G(identity mesh, pose mesh) -> the identity re-posed, with the features the losses need."""
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or ModelConfig()
+        F_dim = self.cfg.feature_dim
+        self.encoder = Encoder(self.cfg)
+        self.theta, self.phi = nn.Linear(F_dim, F_dim), nn.Linear(F_dim, F_dim)
+        self.decoder = Decoder(self.cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+                nn.init.xavier_normal_(weight, gain=self.cfg.init_gain)
+                nn.init.zeros_(module.bias)
+
+    def correspond(self, identity_features, pose_features, pose_vertices):
+        """Warp the pose mesh into identity order; returns (W (B, N_I, 3), matching (B, N_I))."""
+        q = F.normalize(self.theta(identity_features), dim=-1)
+        k = F.normalize(self.phi(pose_features), dim=-1)
+        warped, log_b = kernels.sinkhorn_correspondence(q, k, pose_vertices, eps=self.cfg.eps, iters=self.cfg.iters,
+                                                        backend=self.cfg.backend, return_bias=True)
+        matching = kernels.softmax_argmax(q, k, scale=1 / self.cfg.eps, bias=log_b, backend=self.cfg.backend)
+        return warped, matching
+
+    def forward(self, identity: torch.Tensor, pose: torch.Tensor) -> TransferOutput:
+        """identity (B, N_I, 3), pose (B, N_P, 3) -> TransferOutput (N_I != N_P allowed)."""
+        if identity.dim() != 3 or pose.dim() != 3 or identity.shape[-1] != 3 or pose.shape[-1] != 3:
+            raise ValueError(f"identity and pose must be (B, N, 3) meshes, got {tuple(identity.shape)} "
+                             f"and {tuple(pose.shape)}")
+        if identity.shape[0] != pose.shape[0]:
+            raise ValueError(f"identity and pose batch sizes differ: {identity.shape[0]} vs {pose.shape[0]}")
+        f_identity, f_pose = self.encoder(identity), self.encoder(pose)
+        warped, matching = self.correspond(f_identity, f_pose, pose)
+        code = f_identity[..., : self.cfg.feature_dim // 2]
+        if self.cfg.checkpoint_decoder and torch.is_grad_enabled():
+            output = checkpoint(self.decoder, warped, code, use_reentrant=False)
+        else:
+            output = self.decoder(warped, code)
+        return TransferOutput(output, warped, f_identity, f_pose, self.encoder(warped), matching)

@@ -1,0 +1,317 @@
+"""Train MAPConNet: supervised, unsupervised or semi-supervised (ARCHITECTURE.md s.6).
+
+    python train.py                                    # demo: data/demo (built if missing), a few minutes on CPU
+    python train.py --data DIR --out DIR --epochs 200  # supervised
+    python train.py --percentage 0 --use-unlabelled    # unsupervised (cross- and self-consistency)
+    python train.py --percentage 50 --use-unlabelled   # semi-supervised
+
+Samples: identity mesh I = (a, p), pose mesh P = (b, q), ground truth (a, q); unlabelled samples
+add P2 = (b, r). A supervised step is G(I, P) against (a, q). An unlabelled step sums three passes:
+cross-consistency G(P2, P) must reproduce P; self-consistency Y1 = G(I, P) (contrastive terms
+only, then detached) and G(P2, Y1) must reproduce P. Semi-supervised training cycles six steps:
+labelled, cross (labelled identities x unlabelled poses), labelled, cross (unlabelled identities x
+labelled poses), labelled, unlabelled; the cross and unlabelled steps are unlabelled steps.
+
+Writes OUT/checkpoint.pt (every --checkpoint-every steps and at the end), OUT/losses.csv (every
+loss term of every step), OUT/val.csv (validation PMD), OUT/losses.png. --resume continues from
+OUT/checkpoint.pt exactly: sample i of step s depends only on (seed, s, i).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import kernels
+from mapconnet import checkpoint as ckpt
+from mapconnet.cli import build_parser, split
+from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
+from mapconnet.losses import (LossConfig, align, cross_triplets, edge, mesh_contrastive, point_contrastive,
+                              reconstruction, standard_triplets)
+from mapconnet.model import MAPConNet, ModelConfig
+
+DEMO_DATA_ARGS = ["--identities", "8", "--poses", "32", "--test-identities", "4", "--test-poses", "8",
+                  "--seed", "0", "--resolution", "lite", "--test-pairs", "64"]
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/demo"  # dataset folder; the demo set is built if this default is missing
+    out: str = "runs/demo"
+    batch_size: int = 2
+    epochs: int = 1
+    # Sampled pairs per epoch: 4,000 for humans in the published setting; the default keeps
+    # `python train.py` to a few minutes on a 2-core CPU (about 10-20 s per step at 1,723 vertices).
+    pairs_per_epoch: int = 32
+    max_steps: int = 0  # stop after this many optimizer steps (0: epochs * pairs_per_epoch / batch_size)
+    percentage: float = 100.0  # % of training identities (and, independently, poses) that are labelled
+    use_unlabelled: bool = False  # also train on unlabelled samples (needed when percentage < 100)
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0  # DataLoader worker processes
+    bf16: bool = False  # bf16 autocast on CUDA (kernels accumulate in fp32)
+    checkpoint_every: int = 100
+    val_every: int = 4
+    val_pairs: int = 4  # held-out "unseen" test pairs for the validation PMD
+    resume: bool = False
+
+
+class CountFrom(torch.utils.data.Sampler):
+    """Global sample indices start, start + 1, ... forever (the datasets fold them into epochs)."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+def step_kinds(cfg: TrainConfig, sets: dict) -> list[str]:
+    """The repeating cycle of step kinds."""
+    if not cfg.use_unlabelled:
+        return ["labelled"]
+    if cfg.percentage == 0:
+        return ["unlabelled"]
+    cycle = ["labelled", "cross_a", "labelled", "cross_b", "labelled", "unlabelled"]
+    return [k for k in cycle if k in sets]  # a cross set is empty when everything is labelled
+
+
+def sample_sets(cfg: TrainConfig, dataset, length: int) -> dict:
+    """The datasets each step kind draws from."""
+    ids, poses = dataset.train_identities, dataset.train_poses
+    if not cfg.use_unlabelled:
+        return {"labelled": SupervisedPairs(dataset, ids, poses, length, cfg.seed)}
+    if cfg.percentage == 0:
+        return {"unlabelled": UnlabelledTriplets(dataset, ids, poses, length, cfg.seed)}
+    s = semi_supervised_split(dataset, cfg.percentage, cfg.seed)
+    sets = {"labelled": SupervisedPairs(dataset, s["labelled_identities"], s["labelled_poses"], length, cfg.seed)}
+    for kind, (i, p) in {"cross_a": ("labelled_identities", "unlabelled_poses"),
+                         "cross_b": ("unlabelled_identities", "labelled_poses"),
+                         "unlabelled": ("unlabelled_identities", "unlabelled_poses")}.items():
+        if s[i] and len(s[p]) >= 2:
+            sets[kind] = UnlabelledTriplets(dataset, s[i], s[p], length, cfg.seed + 1 + len(sets))
+    if "unlabelled" not in sets:  # too few unlabelled poses: fall back to all training data
+        sets["unlabelled"] = UnlabelledTriplets(dataset, ids, poses, length, cfg.seed + 9)
+    return sets
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.percentage <= 100:
+        raise ValueError(f"--percentage must be in [0, 100], got {cfg.percentage}")
+    if cfg.percentage < 100 and not cfg.use_unlabelled:
+        raise ValueError(f"--percentage {cfg.percentage:g} leaves data unlabelled but --use-unlabelled is off; "
+                         "pass --use-unlabelled (or --percentage 100 for supervised training)")
+    for name in ("batch_size", "pairs_per_epoch", "checkpoint_every", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.epochs < 1 and cfg.max_steps < 1:
+        raise ValueError("need --epochs >= 1 or --max-steps >= 1")
+    if cfg.bf16 and not cfg.device.startswith("cuda"):
+        raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")
+
+
+def supervised_losses(model, batch, loss_cfg: LossConfig, backend: str) -> dict[str, torch.Tensor]:
+    out = model(batch["identity"], batch["pose"])
+    return {"rec": reconstruction(out.output, batch["target"]),
+            "edge": edge(out.output, batch["identity"], batch["identity_faces"]),
+            **_contrastive(out, loss_cfg, backend, cross=False)}
+
+
+def unlabelled_losses(model, batch, loss_cfg: LossConfig, backend: str) -> dict[str, torch.Tensor]:
+    identity, pose, pose2, faces = batch["identity"], batch["pose"], batch["pose2"], batch["pose_faces"]
+    cc = model(pose2, pose)  # cross-consistency: P2 re-posed like P is P
+    first = model(identity, pose)  # self-consistency pass 1: contrastive terms only
+    sc = model(pose2, first.output.detach())  # pass 2: P2 re-posed like G(I, P) is P again
+    terms = {"rec": reconstruction(cc.output, pose) + reconstruction(sc.output, pose),
+             "edge": edge(cc.output, pose2, faces) + edge(sc.output, pose2, faces)}
+    parts = [_contrastive(cc, loss_cfg, backend, cross=True), _contrastive(first, loss_cfg, backend, cross=False),
+             _contrastive(sc, loss_cfg, backend, cross=False)]
+    for key in ("mesh", "point"):
+        terms[key] = sum(p[key] for p in parts)
+    return terms
+
+
+def _contrastive(out, loss_cfg: LossConfig, backend: str, cross: bool) -> dict[str, torch.Tensor]:
+    fw, fi, fp = out.warped_features, out.identity_features, out.pose_features
+    triplets = cross_triplets(fw, fi, fp) if cross else standard_triplets(fw, fi, align(fp, out.matching))
+    return {"mesh": mesh_contrastive(*triplets, fw.shape[-1], loss_cfg.margin),
+            "point": point_contrastive(fw, fi, loss_cfg, backend)}
+
+
+def weighted_total(terms: dict, loss_cfg: LossConfig) -> torch.Tensor:
+    weights = {"rec": loss_cfg.reconstruction, "edge": loss_cfg.edge, "mesh": loss_cfg.mesh_contrastive,
+               "point": loss_cfg.point_contrastive}
+    return sum(weights[k] * v for k, v in terms.items())
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    """Constant for the first half, then linear decay to 0 at `total`."""
+    half = total // 2
+    return base if step < half else base * max(0.0, (total - step) / max(total - half, 1))
+
+
+@torch.no_grad()
+def validation_pmd(model, pairs, device, backend: str) -> float:
+    model.eval()
+    values = []
+    for item in pairs:
+        out = model(item["identity"][None].to(device), item["pose"][None].to(device)).output
+        centre = lambda x: x - (x.amax(1, keepdim=True) + x.amin(1, keepdim=True)) / 2  # noqa: E731
+        values.append(float(kernels.pmd(centre(out), centre(item["target"][None].to(device)))))
+    model.train()
+    return float(np.mean(values))
+
+
+def plot_curves(out: Path) -> None:
+    from mapconnet.render import save_figure
+    import matplotlib.pyplot as plt
+
+    with open(out / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [int(r["step"]) for r in rows]
+    for key in ("total", "rec", "edge", "mesh", "point"):
+        axes[0].plot(steps, [float(r[key]) for r in rows], label=key, lw=1)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training losses (weighted total, raw terms)")
+    axes[0].legend(fontsize=8)
+    val_path = out / "val.csv"
+    if val_path.exists():
+        with open(val_path) as f:
+            val = list(csv.DictReader(f))
+        axes[1].plot([int(r["step"]) for r in val], [float(r["pmd"]) * 1e4 for r in val], marker="o")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("PMD (x 1e-4)")
+    axes[1].set_title("validation PMD (unseen pairs)")
+    save_figure(fig, out / "losses.png")
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+    path.unlink()
+    for r in rows:
+        _append_csv(path, r)
+
+
+def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossConfig | None = None) -> dict:
+    model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
+    check_config(cfg)
+    data = Path(cfg.data)
+    if not data.exists() and cfg.data == TrainConfig.data:
+        from mapconnet.data.generate import main as generate
+
+        print(f"building the demo dataset in {data}")
+        generate(["--out", str(data), *DEMO_DATA_ARGS])
+    dataset = open_dataset(data)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = MAPConNet(model_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.9), eps=1e-3)
+    step = 0
+    if cfg.resume:
+        payload = ckpt.load(out / "checkpoint.pt")
+        if payload["model_config"] != asdict(model_cfg):
+            raise ValueError(f"checkpoint {out / 'checkpoint.pt'} was trained with model config "
+                             f"{payload['model_config']}, not {asdict(model_cfg)}; use a matching config or a new --out")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        step = payload["step"]
+        random.setstate(payload["rng"]["python"])
+        np.random.set_state(payload["rng"]["numpy"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        for name in ("losses.csv", "val.csv"):
+            _truncate_csv(out / name, step)
+    else:
+        for name in ("losses.csv", "val.csv"):
+            (out / name).unlink(missing_ok=True)
+
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * cfg.pairs_per_epoch / cfg.batch_size)
+    sets = sample_sets(cfg, dataset, cfg.pairs_per_epoch)
+    kinds = step_kinds(cfg, sets)
+    # Each kind's stream starts where `step` steps of the cycle left it, so a resumed run draws the
+    # same samples as an uninterrupted one.
+    done = {k: sum(1 for s in range(step) if kinds[s % len(kinds)] == k) * cfg.batch_size for k in sets}
+    streams = {k: iter(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=CountFrom(done[k]),
+                                                    num_workers=cfg.workers))
+               for k, ds in sets.items() if k in kinds}
+    val_pairs = [TestPairs(dataset, "unseen")[i] for i in range(min(cfg.val_pairs, len(dataset.test_lists["unseen"])))]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+    def save_checkpoint():
+        ckpt.save(out / "checkpoint.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
+            "loss_config": asdict(loss_cfg), "train_config": asdict(cfg), "step": step,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
+
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    history = []
+    while step < total:
+        kind = kinds[step % len(kinds)]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(streams[kind]).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg.lr)
+        with autocast:
+            losses = (supervised_losses if kind == "labelled" else unlabelled_losses)(model, batch, loss_cfg,
+                                                                                     model_cfg.backend)
+            total_loss = weighted_total(losses, loss_cfg)
+        if not torch.isfinite(total_loss):
+            raise FloatingPointError(f"loss became {total_loss.item()} at step {step} ({kind} step)")
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        optimizer.step()
+        row = {"step": step, "kind": kind, "lr": optimizer.param_groups[0]["lr"], "total": total_loss.item(),
+               **{k: v.item() for k, v in losses.items()}}
+        _append_csv(out / "losses.csv", row)
+        history.append(row)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(total=f"{row['total']:.3f}", rec=f"{row['rec']:.4f}", kind=kind)
+        if step % cfg.val_every == 0 or step == total:
+            pmd = validation_pmd(model, val_pairs, device, model_cfg.backend)
+            _append_csv(out / "val.csv", {"step": step, "pmd": pmd})
+            bar.write(f"step {step}: validation PMD {pmd * 1e4:.2f} x 1e-4")
+        if step % cfg.checkpoint_every == 0 or step == total:
+            save_checkpoint()
+    bar.close()
+    plot_curves(out)
+    print(f"trained {step} steps in {time.perf_counter() - start:.0f} s; checkpoint {out / 'checkpoint.pt'}, "
+          f"losses {out / 'losses.csv'}, curve {out / 'losses.png'}")
+    return {"step": step, "history": history}
+
+
+if __name__ == "__main__":
+    parser = build_parser(TrainConfig, ModelConfig, LossConfig, description=__doc__)
+    main(*split(parser.parse_args(), TrainConfig, ModelConfig, LossConfig))
