@@ -309,7 +309,13 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     plot_curves(out)
     print(f"trained {step} steps in {time.perf_counter() - start:.0f} s; checkpoint {out / 'checkpoint.pt'}, "
           f"losses {out / 'losses.csv'}, curve {out / 'losses.png'}")
-    return {"step": step, "history": history}
+    return {"step": step, "history": history, "out": out}
+
+
+def read_validation(out) -> list[tuple[int, float]]:
+    """(step, raw PMD) rows of OUT/val.csv."""
+    with open(Path(out) / "val.csv") as f:
+        return [(int(r["step"]), float(r["pmd"])) for r in csv.DictReader(f)]
 
 
 if __name__ == "__main__":
