@@ -19,12 +19,19 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+# name: target vertex count for decimation, None for the template itself, or rounds of subdivision
 RESOLUTIONS = {"lite": 1723, "smpl": 6890, "full": None, "x4": 1, "x16": 2}
+MAP_VERSION = 1  # part of the cache key: bump when the construction of a map changes
 CACHE = Path(os.environ.get("MAPCONNET_CACHE_DIR", Path.home() / ".cache" / "mapconnet"))
 
 
 def subdivide(faces: np.ndarray, n_vertices: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    """One round of midpoint subdivision: (V + E, V) map and the (4F, 3) faces."""
+    """One round of midpoint subdivision of a triangle mesh.
+
+    Args: faces (F, 3) int; n_vertices V. Returns: W, scipy CSR (V + E, V) float64 whose first V
+    rows are the identity and whose row V + e averages the two ends of edge e; and (4F, 3) int64
+    faces (each triangle split into three corner triangles and the middle one, orientation kept).
+    """
     edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
     unique, inverse = np.unique(edges, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -41,7 +48,14 @@ def subdivide(faces: np.ndarray, n_vertices: int) -> tuple[sp.csr_matrix, np.nda
 
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Quadric decimation to exactly (or as close as reachable to) `target` vertices, as a map."""
+    """Quadric decimation of the template to `target` vertices, as a linear map.
+
+    Args: vertices (V, 3) float64 template; faces (F, 3) int; target vertex count.
+    Returns: W, scipy CSR (target, V) float64, each row the barycentric weights (3 non-zeros,
+    summing to 1) of the decimated vertex's closest point on the template; and (F', 3) int64 faces.
+    The reduction ratio is bisected until the count is exactly `target` (the closest reachable
+    count otherwise).
+    """
     import fast_simplification
     import trimesh
 
@@ -91,11 +105,16 @@ def resolution_map(name: str, template_vertices: np.ndarray, template_faces: np.
     faces = np.asarray(template_faces, dtype=np.int64)
     if name == "full":
         return None, faces
-    path = CACHE / f"{tag}-{name}.npz"
+    path = CACHE / f"{tag}-{name}-v{MAP_VERSION}.npz"
     if path.exists():
-        data = np.load(path)
-        W = sp.csr_matrix((data["data"], data["indices"], data["indptr"]), shape=tuple(data["shape"]))
-        return W, data["faces"]
+        try:
+            with np.load(path) as data:
+                W = sp.csr_matrix((data["data"], data["indices"], data["indptr"]), shape=tuple(data["shape"]))
+                cached_faces = data["faces"].astype(np.int64)
+            if W.shape[1] == len(template_vertices):
+                return W, cached_faces
+        except (OSError, ValueError, KeyError):
+            pass  # a corrupt or foreign cache file: rebuild it below
     if name in ("lite", "smpl"):
         W, faces = decimate(np.asarray(template_vertices, dtype=np.float64), faces, RESOLUTIONS[name])
     else:
@@ -104,14 +123,14 @@ def resolution_map(name: str, template_vertices: np.ndarray, template_faces: np.
             step, faces = subdivide(faces, W.shape[0])
             W = (step @ W).tocsr()
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, data=W.data, indices=W.indices, indptr=W.indptr, shape=np.array(W.shape), faces=faces)
     os.replace(tmp, path)
     return W, faces
 
 
 def apply_map(W, vertices: np.ndarray) -> np.ndarray:
-    """(B, V, 3) full-resolution meshes -> (B, V', 3) float32."""
+    """Apply a resolution map: (B, V, 3) full-resolution meshes -> (B, V', 3) float32 (W None: copy)."""
     if W is None:
         return vertices.astype(np.float32)
     B, V, _ = vertices.shape
