@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 # name: target vertex count for decimation, None for the template itself, or rounds of subdivision
 RESOLUTIONS = {"lite": 1723, "smpl": 6890, "full": None, "x4": 1, "x16": 2}
-MAP_VERSION = 1  # part of the cache key: bump when the construction of a map changes
+MAP_VERSION = 2  # part of the cache key: bump when the construction of a map changes
 CACHE = Path(os.environ.get("MAPCONNET_CACHE_DIR", Path.home() / ".cache" / "mapconnet"))
 
 
@@ -53,15 +53,30 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[sp.c
     Args: vertices (V, 3) float64 template; faces (F, 3) int; target vertex count.
     Returns: W, scipy CSR (target, V) float64, each row the barycentric weights (3 non-zeros,
     summing to 1) of the decimated vertex's closest point on the template; and (F', 3) int64 faces.
-    The reduction ratio is bisected until the count is exactly `target` (the closest reachable
-    count otherwise).
+    For a closed genus-0 template the face count 2 * target - 4 is requested and the result is
+    checked to be one closed surface; otherwise the reduction ratio is bisected until the count is
+    exactly `target` (the closest reachable count otherwise).
     """
     import fast_simplification
     import trimesh
 
-    lo, hi = 0.0, 1.0
+    def closed_single_surface(points, new_faces):
+        mesh = trimesh.Trimesh(points, new_faces, process=False)
+        return mesh.is_watertight and len(mesh.split(only_watertight=False)) == 1
+
+    template_closed = closed_single_surface(vertices, faces)
     best = None
-    for _ in range(40):  # bisect the reduction ratio until the vertex count is exact
+    # A closed genus-0 surface has F = 2V - 4 (Euler), so asking for that face count gives the
+    # vertex count directly. Some aggressiveness settings leave a non-manifold spot (two faces
+    # glued back to back at 1,723 vertices with the default 7); try others until the result is,
+    # like the template, one closed surface.
+    for agg in (7, 5, 3, 9):
+        points, new_faces = fast_simplification.simplify(vertices, faces, target_count=2 * target - 4, agg=agg)
+        if len(points) == target and (not template_closed or closed_single_surface(points, new_faces)):
+            best = (points, new_faces)
+            break
+    lo, hi = 0.0, 1.0
+    for _ in range(40 if best is None else 0):  # other surfaces: bisect the reduction ratio
         ratio = (lo + hi) / 2
         points, new_faces = fast_simplification.simplify(vertices, faces, target_reduction=ratio)
         if best is None or abs(len(points) - target) < abs(len(best[0]) - target):
