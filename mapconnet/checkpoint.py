@@ -49,11 +49,12 @@ def model_config_from(payload: dict) -> ModelConfig:
 
 
 def load_model(path, *, device="cpu", backend: str | None = None) -> MAPConNet:
-    """The trained model of a checkpoint, on `device`, optionally with another kernels backend."""
+    """The trained model of a checkpoint in eval mode (spectral norms frozen), on `device`,
+    optionally with another kernels backend."""
     payload = load(path)
     cfg = model_config_from(payload)
     if backend is not None:
         cfg.backend = backend
     model = MAPConNet(cfg)
     model.load_state_dict(payload["model"])
-    return model.to(device)
+    return model.to(device).eval()
