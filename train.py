@@ -64,6 +64,7 @@ class TrainConfig:
     val_every: int = 4
     val_pairs: int = 4  # held-out "unseen" test pairs for the validation PMD
     resume: bool = False
+    stop_after: int = 0  # leave after this many steps of this run (checkpointed; the schedule is the full run's), e.g. to fit a job time limit
 
 
 class CountFrom(torch.utils.data.Sampler):
@@ -278,7 +279,8 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     history = []
-    while step < total:
+    last = min(total, step + cfg.stop_after) if cfg.stop_after > 0 else total
+    while step < last:
         kind = kinds[step % len(kinds)]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(streams[kind]).items()}
         for group in optimizer.param_groups:
@@ -303,7 +305,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
             pmd = validation_pmd(model, val_pairs, device, model_cfg.backend)
             _append_csv(out / "val.csv", {"step": step, "pmd": pmd})
             bar.write(f"step {step}: validation PMD {pmd * 1e4:.2f} x 1e-4")
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or step == last:
             save_checkpoint()
     bar.close()
     plot_curves(out)

@@ -1,0 +1,79 @@
+"""MAPConNet: shapes, vertex-order equivariance, different vertex counts, backends agree."""
+import pytest
+import torch
+
+from mapconnet.model import MAPConNet, ModelConfig, instance_norm
+
+TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8))
+
+
+def test_shapes_with_different_vertex_counts():
+    model = MAPConNet(ModelConfig(**TINY, backend="chunked")).eval()
+    identity, pose = torch.randn(2, 50, 3), torch.randn(2, 37, 3)
+    out = model(identity, pose)
+    assert out.output.shape == out.warped.shape == (2, 50, 3)
+    assert out.identity_features.shape == (2, 50, 16) and out.pose_features.shape == (2, 37, 16)
+    assert out.warped_features.shape == (2, 50, 16)
+    assert out.matching.shape == (2, 50) and out.matching.dtype == torch.int64
+    assert int(out.matching.max()) < 37
+    assert out.output.abs().max() <= 2  # Y = 2 tanh(.)
+
+
+def test_full_size_model_parameter_shapes():
+    model = MAPConNet()
+    assert model.encoder.fc3.out_features == 256 and len(model.encoder.blocks) == 4
+    assert [b.fc_s.in_features for b in model.decoder.blocks] == [1024, 512, 256]
+    assert model.decoder.lift.out_features == 1024
+
+
+def test_equivariant_to_vertex_order():
+    torch.manual_seed(0)
+    model = MAPConNet(ModelConfig(**TINY, backend="torch")).eval()
+    identity, pose = torch.randn(1, 40, 3, dtype=torch.float64), torch.randn(1, 33, 3, dtype=torch.float64)
+    model = model.double()
+    perm_i, perm_p = torch.randperm(40), torch.randperm(33)
+    with torch.no_grad():
+        a = model(identity, pose)
+        b = model(identity[:, perm_i], pose[:, perm_p])
+    torch.testing.assert_close(b.output, a.output[:, perm_i])  # permuting I permutes Y the same way
+    torch.testing.assert_close(b.warped, a.warped[:, perm_i])  # the pose mesh's order does not matter
+    assert torch.equal(perm_p[b.matching], a.matching[:, perm_i])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "keops", "triton"])
+def test_backends_agree_with_dense(backend):
+    torch.manual_seed(0)
+    model = MAPConNet(ModelConfig(**TINY, backend="torch")).eval()
+    identity, pose = torch.randn(2, 30, 3), torch.randn(2, 26, 3)
+    with torch.no_grad():
+        dense = model(identity, pose)
+        model.cfg.backend = backend
+        other = model(identity, pose)
+    torch.testing.assert_close(other.warped, dense.warped, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(other.output, dense.output, rtol=1e-4, atol=1e-5)
+
+
+def test_instance_norm_statistics():
+    x = torch.randn(3, 100, 5) * 4 + 2
+    y = instance_norm(x)
+    torch.testing.assert_close(y.mean(1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(1, unbiased=False), torch.ones(3, 5), atol=1e-3, rtol=0)
+
+
+def test_initialisation():
+    model = MAPConNet(ModelConfig(**TINY))
+    assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    w = model.decoder.lift.weight
+    assert 0 < w.std() < 0.02  # Xavier-normal, gain 0.02
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="feature_dim must be even"):
+        ModelConfig(feature_dim=15)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        ModelConfig(backend="cuda")
+    model = MAPConNet(ModelConfig(**TINY))
+    with pytest.raises(ValueError, match=r"must be \(B, N, 3\) meshes"):
+        model(torch.randn(2, 10, 2), torch.randn(2, 10, 3))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(torch.randn(2, 10, 3), torch.randn(1, 10, 3))
