@@ -40,7 +40,7 @@ from mapconnet.losses import (LossConfig, align, cross_triplets, edge, mesh_cont
 from mapconnet.model import MAPConNet, ModelConfig
 
 DEMO_DATA_ARGS = ["--identities", "8", "--poses", "32", "--test-identities", "4", "--test-poses", "8",
-                  "--seed", "0", "--resolution", "lite", "--test-pairs", "64"]
+                  "--seed", "0", "--resolution", "lite", "--test-pairs", "64", "--preview"]
 
 
 @dataclass
