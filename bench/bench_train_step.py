@@ -7,9 +7,9 @@ ARCHITECTURE.md section 4: ``mapconnet.model`` defines a ``ModelConfig`` datacla
 ``backend`` field for the kernels) and an ``nn.Module`` built from it, whose forward
 ``model(identity (B, N, 3), pose (B, M, 3))`` returns a result with ``.output`` (B, N, 3) and
 ``.warped``. Until that module lands, the cases are recorded as "not run". The loss here is the
-supervised reconstruction term 1000 * MSE, plus the point InfoNCE on the features when the result
-exposes them (``f_warped`` / ``f_identity`` or ``features``); the all-pairs work (Sinkhorn
-correspondence in the forward, InfoNCE) dominates either way.
+supervised reconstruction term 1000 * MSE plus the point InfoNCE ``info_nce(warped_features,
+identity_features)`` (the fields of ``mapconnet.model.TransferOutput``); edge and mesh-level terms
+are per-vertex and cheap next to the all-pairs work (Sinkhorn correspondence, InfoNCE).
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def _loss(result, gt):
 
     out = getattr(result, "output", result[0] if isinstance(result, (tuple, list)) else result)
     loss = 1000 * torch.mean((out - gt) ** 2)
-    fw, fi = getattr(result, "f_warped", None), getattr(result, "f_identity", None)
+    fw = getattr(result, "warped_features", getattr(result, "f_warped", None))
+    fi = getattr(result, "identity_features", getattr(result, "f_identity", None))
     if fw is not None and fi is not None:
         loss = loss + kernels.info_nce(fw, fi, tau=0.07)
     return loss
