@@ -1,19 +1,28 @@
-"""KeOps nearest neighbour (``backend="keops"``): ArgMin of direct squared differences.
+"""KeOps nearest neighbour (``backend="keops"``): ArgMin of the squared distance.
 
-KeOps' Min has no autodiff, so only indices come back; the public op re-gathers distances in torch.
+SqDist(x, y) is |x - y|^2 from direct differences (not |x|^2 - 2<x, y> + |y|^2, whose cancellation
+error exceeds near-neighbour distances on unit-scale meshes). KeOps' Min has no autodiff, so only
+indices come back and the public op re-gathers distances in torch. One module per dtype (D = 3);
+float16/bfloat16 points are compared in float32.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import pykeops
-from pykeops.torch import LazyTensor
+from pykeops.torch import Genred
 
 pykeops.set_verbose(False)  # one line per compiled module otherwise
 
 
+@functools.lru_cache(maxsize=None)
+def _argmin_op() -> Genred:
+    return Genred("SqDist(X, Y)", ["X = Vi(3)", "Y = Vj(3)"], reduction_op="ArgMin", axis=1)
+
+
 def nearest_index(x, y):
-    """(B, N) int64 index of each x_i's nearest y_j; x (B, N, 3), y (B, M, 3)."""
+    """(B, N) int64 index of each x_i's nearest y_j; x (B, N, 3), y (B, M, 3), no gradient."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xi = LazyTensor(x.to(dtype).contiguous()[:, :, None, :])
-    yj = LazyTensor(y.to(dtype).contiguous()[:, None, :, :])
-    return ((xi - yj) ** 2).sum(-1).argmin(dim=2).squeeze(-1).long()
+    idx = _argmin_op()(x.to(dtype).contiguous(), y.to(dtype).contiguous(), backend="auto")  # (B, N, 1)
+    return idx.squeeze(-1).long()
