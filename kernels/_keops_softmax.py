@@ -18,13 +18,15 @@ Gradients are the flash-attention backward with P_ij = exp(S_ij - L_i) (never ab
 row sums; key gradients swap the roles of i and j (X = k, a = bias, Y = scale * q, c = -L):
   lse     dq_i = g_i s sum_j P_ij k_j;      [dk_j, dbias_j] = sum_i P_ij g_i [s q_i, 1]
   attend  dS_ij = P_ij (<g_i, v_j> - delta_i) = P_ij <[g_i, -delta_i], [v_j, 1]>, delta_i = <g_i, O_i>:
-          dq_i = sum_j dS_ij s k_j;  [dk_j, dbias_j] = sum_i dS_ij [s q_i, 1];  dv_j = sum_i P_ij g_i.
+          dq_i = sum_j dS_ij s k_j;  dk_j = sum_i dS_ij s q_i;  [dv_j, e_j] = sum_i P_ij [g_i, delta_i],
+          dbias_j = sum_i dS_ij = <v_j, dv_j> - e_j (so that dbias rides on the dv pass: three passes,
+          none wider than the C bucket when D < C).
 Memory stays O(N + M): only the row max/LSE and the output are saved.
 
 Buckets. X, Y and W are zero-padded to a C bucket (zero channels leave <q_i, k_j> unchanged) and
-F, H to a bucket of D + 1 (lse uses the smallest, 4). Weights wider than the C bucket (v with
-D + 1 > C bucket, or [s q, 1] when C fills its bucket) are summed in C-bucket-wide passes: the row
-sum is linear in W, so the passes reuse one module. A bias is always passed (zeros when None).
+F, H to a bucket of D + 1 (lse uses the smallest, 4). Weights wider than the C bucket ([v, 1] or
+[g, delta] when D + 1 > C bucket, lse's [s q, 1] when C fills its bucket, e.g. C = 256) are summed in
+C-bucket-wide passes: the row sum is linear in W, so the passes reuse one module. A bias is always passed (zeros when None).
 Per (C bucket, D bucket) and dtype: 2 modules, plus 1 for lse's backward where D + 1 > 4.
 
 Masked keys: a -inf bias becomes -1e30. Every unmasked score is far below 1e29 in magnitude, so
@@ -122,16 +124,15 @@ def _operands(q, k, bias, scale):
     return _pad(q * scale, cb), _pad(k, cb), bias.clamp(min=MASKED_BIAS)
 
 
-def _key_gradients(X, Y, c, L, F, H, q, scale, need_k, need_bias):
-    """[dk_j, dbias_j] = sum_i P_ij <F_j, H_i> [s q_i, 1] (the i, j roles swapped); None if unused."""
+def _key_gradients(X, Y, c, L, g, q, scale, need_k, need_bias):
+    """lse's [dk_j, dbias_j] = sum_i P_ij g_i [s q_i, 1] (the i, j roles swapped); None if unused."""
     if not (need_k or need_bias):
         return None, None
-    W = torch.cat([q * scale, torch.ones_like(q[..., :1])], -1) if need_k and need_bias else (
-        q * scale if need_k else torch.ones_like(q[..., :1]))
-    out = _row_sum(Y, c, X, -L, F, H, W)  # (B, M, C + 1), (B, M, C) or (B, M, 1)
-    dk = out[..., :q.shape[-1]] if need_k else None
-    dbias = out[..., -1] if need_bias else None
-    return dk, dbias
+    ones = torch.ones_like(q[..., :1])
+    W = torch.cat([q * scale, ones], -1) if need_k and need_bias else (q * scale if need_k else ones)
+    H_i = _pad(g.unsqueeze(-1), LSE_VALUE_BUCKET)  # <e1, H_i> = g_i
+    out = _row_sum(Y, c, X, -L, _e1(Y, LSE_VALUE_BUCKET), H_i, W)  # (B, M, C + 1), (B, M, C) or (B, M, 1)
+    return (out[..., :q.shape[-1]] if need_k else None), (out[..., -1] if need_bias else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +160,7 @@ class _LSE(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             e1_i, e1_j = _e1(q, LSE_VALUE_BUCKET), _e1(k, LSE_VALUE_BUCKET)
             dq = g.unsqueeze(-1) * scale * _row_sum(X, -L, Y, c, e1_i, e1_j, k)  # (B, N, C)
-        g_i = _pad(g.unsqueeze(-1), LSE_VALUE_BUCKET)
-        dk, dbias = _key_gradients(X, Y, c, L, _e1(k, LSE_VALUE_BUCKET), g_i, q, scale,
-                                   ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        dk, dbias = _key_gradients(X, Y, c, L, g, q, scale, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return dq, dk, dbias, None
 
 
@@ -188,14 +187,16 @@ class _Attend(torch.autograd.Function):
         delta = (g * O).sum(-1, keepdim=True)  # (B, N, 1)
         F_i = _pad(torch.cat([g, -delta], -1), db)  # (B, N, Db): <F_i, H_j> = <g_i, v_j> - delta_i
         H_j = _pad(torch.cat([v, torch.ones_like(v[..., :1])], -1), db)  # (B, M, Db)
-        dq = dv = None
+        dq = dk = dv = dbias = None
         if ctx.needs_input_grad[0]:
-            dq = scale * _row_sum(X, -L, Y, c, F_i, H_j, k)
-        dk, dbias = _key_gradients(X, Y, c, L, H_j, F_i, q, scale,
-                                   ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        if ctx.needs_input_grad[2]:
-            dv = _row_sum(Y, c, X, -L, _e1(k, db), _e1(q, db), g)  # (B, M, D)
-        return dq, dk, dv, dbias, None
+            dq = scale * _row_sum(X, -L, Y, c, F_i, H_j, k)  # (B, N, C)
+        if ctx.needs_input_grad[1]:
+            dk = _row_sum(Y, c, X, -L, H_j, F_i, q * scale)  # (B, M, C), roles swapped
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            out = _row_sum(Y, c, X, -L, _e1(k, db), _e1(q, db), torch.cat([g, delta], -1))  # (B, M, D + 1)
+            dv = out[..., :-1]
+            dbias = (v * dv).sum(-1) - out[..., -1] if ctx.needs_input_grad[3] else None
+        return dq, dk, dv if ctx.needs_input_grad[2] else None, dbias, None
 
 
 # ---------------------------------------------------------------------------------------------
