@@ -27,7 +27,9 @@ class ModelConfig:
     eps: float = 0.03  # Sinkhorn entropic regularisation (logits C / eps)
     iters: int = 5  # Sinkhorn iterations
     backend: str = "auto"  # kernels backend: auto, torch, chunked, keops, triton
-    checkpoint_decoder: bool = False  # recompute decoder activations in the backward (memory for time)
+    # Recompute each decoder stage in the backward (memory for time; in training mode the recompute
+    # advances the spectral norms' power iteration once more, like a second forward would).
+    checkpoint_decoder: bool = False
     init_gain: float = 0.02  # Xavier-normal gain of every linear weight
 
     def __post_init__(self):
@@ -138,10 +140,16 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(ElaINResBlock(c, code_dim) for c in widths)
         self.out = nn.Linear(widths[-1], 3)
 
-    def forward(self, warped, code):
+    def forward(self, warped, code, checkpoint_stages: bool = False):
+        """warped (B, N, 3), code (B, N, F/2) -> Y (B, N, 3). With `checkpoint_stages` each stage's
+        activations (about 40 (B, N, C) tensors at C = 1024) are recomputed in the backward, so
+        only one stage's live at a time instead of all three."""
         h = self.lift(warped)
         for stage, block in zip(self.stages, self.blocks):
-            h = block(stage(h), code)
+            if checkpoint_stages:
+                h = checkpoint(lambda h, stage=stage, block=block: block(stage(h), code), h, use_reentrant=False)
+            else:
+                h = block(stage(h), code)
         return 2 * torch.tanh(self.out(h))
 
 
@@ -183,8 +191,5 @@ class MAPConNet(nn.Module):
         f_identity, f_pose = self.encoder(identity), self.encoder(pose)
         warped, matching = self.correspond(f_identity, f_pose, pose)
         code = f_identity[..., : self.cfg.feature_dim // 2]
-        if self.cfg.checkpoint_decoder and torch.is_grad_enabled():
-            output = checkpoint(self.decoder, warped, code, use_reentrant=False)
-        else:
-            output = self.decoder(warped, code)
+        output = self.decoder(warped, code, checkpoint_stages=self.cfg.checkpoint_decoder and torch.is_grad_enabled())
         return TransferOutput(output, warped, f_identity, f_pose, self.encoder(warped), matching)
