@@ -27,7 +27,8 @@ Buckets. X, Y and W are zero-padded to a C bucket (zero channels leave <q_i, k_j
 F, H to a bucket of D + 1 (lse uses the smallest, 4). Weights wider than the C bucket ([v, 1] or
 [g, delta] when D + 1 > C bucket, lse's [s q, 1] when C fills its bucket, e.g. C = 256) are summed in
 C-bucket-wide passes: the row sum is linear in W, so the passes reuse one module. A bias is always passed (zeros when None).
-Per (C bucket, D bucket) and dtype: 2 modules, plus 1 for lse's backward where D + 1 > 4.
+Modules per dtype: one row max per C bucket, one row sum per (C bucket, F/H bucket); lse and attend
+with D <= 3 share the F/H bucket 4, so lse + attend + argmax at one C with D <= 3 are 2 modules.
 
 Masked keys: a -inf bias becomes -1e30. Every unmasked score is far below 1e29 in magnitude, so
 exp(-1e30 + S - m) is exactly 0 in float32 and float64, as exp(-inf) would be, while the max, sums
