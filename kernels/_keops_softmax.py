@@ -1,7 +1,8 @@
 """KeOps backend (``backend="keops"``) of the correspondence softmax: lse, attend and argmax.
 
 Why two formulas and a custom backward. KeOps compiles one shared library per formula x dtype x
-variable dimensions with g++ (15-30 s each on a 2-core machine), and its own autodiff compiles one
+variable dimensions with g++ (7-8 s each for the two below, 15-30 s for KeOps' autodiff formulas, on
+a 2-core machine), and its own autodiff compiles one
 more per differentiated variable: LogSumExp with gradients to q, k and bias is 4 modules,
 SumSoftMaxWeight with v as well is 5, per (C, D). A cold CI run would spend most of its time in g++.
 So everything here is built from two Genred formulas, over a batch dimension:
@@ -26,7 +27,8 @@ Memory stays O(N + M): only the row max/LSE and the output are saved.
 Buckets. X, Y and W are zero-padded to a C bucket (zero channels leave <q_i, k_j> unchanged) and
 F, H to a bucket of D + 1 (lse uses the smallest, 4). Weights wider than the C bucket ([v, 1] or
 [g, delta] when D + 1 > C bucket, lse's [s q, 1] when C fills its bucket, e.g. C = 256) are summed in
-C-bucket-wide passes: the row sum is linear in W, so the passes reuse one module. A bias is always passed (zeros when None).
+C-bucket-wide passes: the row sum is linear in W, so the passes reuse one module. A bias is always
+passed (zeros when None).
 Modules per dtype: one row max per C bucket, one row sum per (C bucket, F/H bucket); lse and attend
 with D <= 3 share the F/H bucket 4, so lse + attend + argmax at one C with D <= 3 are 2 modules.
 
@@ -35,8 +37,8 @@ exp(-1e30 + S - m) is exactly 0 in float32 and float64, as exp(-inf) would be, w
 and products stay finite: no inf - inf = NaN can arise inside KeOps. Gradients of masked keys are 0.
 
 Dtypes: float32 and float64 run natively. float16 and bfloat16 are computed in float32 (KeOps has no
-bfloat16, and its float16 path packs pairs of values in half2, needs even sizes and would add a
-third dtype of modules) and cast back; autograd carries the casts.
+bfloat16, and float16 would add a third dtype of modules for little gain on CPU) and cast back;
+autograd carries the casts.
 """
 from __future__ import annotations
 
