@@ -50,8 +50,9 @@ class TrainConfig:
     batch_size: int = 2
     epochs: int = 1
     # Sampled pairs per epoch: 4,000 for humans in the published setting; the default keeps
-    # `python train.py` to a few minutes on a 2-core CPU (about 10-20 s per step at 1,723 vertices).
-    pairs_per_epoch: int = 32
+    # `python train.py` (48 steps) to a few minutes on a 2-core CPU (4-20 s per step at 1,723 vertices
+    # and batch 2, depending on what else runs).
+    pairs_per_epoch: int = 96
     max_steps: int = 0  # stop after this many optimizer steps (0: epochs * pairs_per_epoch / batch_size)
     percentage: float = 100.0  # % of training identities (and, independently, poses) that are labelled
     use_unlabelled: bool = False  # also train on unlabelled samples (needed when percentage < 100)
@@ -61,7 +62,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     bf16: bool = False  # bf16 autocast on CUDA (kernels accumulate in fp32)
     checkpoint_every: int = 100
-    val_every: int = 4
+    val_every: int = 8
     val_pairs: int = 4  # held-out "unseen" test pairs for the validation PMD
     resume: bool = False
     stop_after: int = 0  # leave after this many steps of this run (checkpointed; the schedule is the full run's), e.g. to fit a job time limit
