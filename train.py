@@ -63,19 +63,35 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast on CUDA (kernels accumulate in fp32)
     checkpoint_every: int = 100
     val_every: int = 8
-    val_pairs: int = 4  # held-out "unseen" test pairs for the validation PMD
+    val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD
     resume: bool = False
     stop_after: int = 0  # leave after this many steps of this run (checkpointed; the schedule is the full run's), e.g. to fit a job time limit
 
 
 class CountFrom(torch.utils.data.Sampler):
-    """Global sample indices start, start + 1, ... forever (the datasets fold them into epochs)."""
+    """Global sample indices start, start + 1, ... forever (Epochs folds them into epochs)."""
 
     def __init__(self, start: int):
         self.start = start
 
     def __iter__(self):
         return itertools.count(self.start)
+
+
+class Epochs(torch.utils.data.Dataset):
+    """Global sample index g -> item g % len(samples) of epoch g // len(samples).
+
+    The epoch is set per item, so DataLoader workers (each with its own copy) and a resumed run
+    draw exactly what an uninterrupted single-process run draws.
+    """
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __getitem__(self, g: int) -> dict:
+        epoch, index = divmod(int(g), len(self.samples))
+        self.samples.set_epoch(epoch)
+        return self.samples[index]
 
 
 def step_kinds(cfg: TrainConfig, sets: dict) -> list[str]:
@@ -163,12 +179,13 @@ def lr_at(step: int, total: int, base: float) -> float:
 
 
 @torch.no_grad()
-def validation_pmd(model, pairs, device, backend: str) -> float:
+def validation_pmd(model, pairs, device) -> float:
+    """Mean PMD (raw, not x 1e-4) over held-out test pairs, output and target bounding-box centred."""
     model.eval()
+    centre = lambda x: x - (x.amax(1, keepdim=True) + x.amin(1, keepdim=True)) / 2  # noqa: E731
     values = []
     for item in pairs:
         out = model(item["identity"][None].to(device), item["pose"][None].to(device)).output
-        centre = lambda x: x - (x.amax(1, keepdim=True) + x.amin(1, keepdim=True)) / 2  # noqa: E731
         values.append(float(kernels.pmd(centre(out), centre(item["target"][None].to(device)))))
     model.train()
     return float(np.mean(values))
@@ -194,10 +211,14 @@ def plot_curves(out: Path) -> None:
     if val_path.exists():
         with open(val_path) as f:
             val = list(csv.DictReader(f))
-        axes[1].plot([int(r["step"]) for r in val], [float(r["pmd"]) * 1e4 for r in val], marker="o")
+        for key, label in (("pmd", "unseen"), ("pmd_seen", "seen")):
+            if val and key in val[0]:
+                axes[1].plot([int(r["step"]) for r in val], [float(r[key]) * 1e4 for r in val], marker="o",
+                             label=label)
+        axes[1].legend(fontsize=8)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("PMD (x 1e-4)")
-    axes[1].set_title("validation PMD (unseen pairs)")
+    axes[1].set_title("validation PMD (held-out test pairs)")
     save_figure(fig, out / "losses.png")
 
 
@@ -230,6 +251,9 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
 
         print(f"building the demo dataset in {data}")
         generate(["--out", str(data), *DEMO_DATA_ARGS])
+    if not data.is_dir():
+        raise ValueError(f"--data {data} does not exist or is not a folder; expected a dataset folder written by "
+                         f"`python -m mapconnet.data.generate --out {data} ...` (or no --data for the demo set)")
     dataset = open_dataset(data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,16 +266,19 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.9), eps=1e-3)
     step = 0
     if cfg.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise ValueError(f"--resume needs {out / 'checkpoint.pt'}, which does not exist; expected the --out "
+                             "folder of an earlier run (or leave out --resume to start afresh)")
         payload = ckpt.load(out / "checkpoint.pt")
-        if payload["model_config"] != asdict(model_cfg):
-            raise ValueError(f"checkpoint {out / 'checkpoint.pt'} was trained with model config "
-                             f"{payload['model_config']}, not {asdict(model_cfg)}; use a matching config or a new --out")
+        ckpt.check_compatible(payload, model_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         step = payload["step"]
         random.setstate(payload["rng"]["python"])
         np.random.set_state(payload["rng"]["numpy"])
         torch.set_rng_state(payload["rng"]["torch"])
+        if payload["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         for name in ("losses.csv", "val.csv"):
             _truncate_csv(out / name, step)
     else:
@@ -263,18 +290,21 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     kinds = step_kinds(cfg, sets)
     # Each kind's stream starts where `step` steps of the cycle left it, so a resumed run draws the
     # same samples as an uninterrupted one.
-    done = {k: sum(1 for s in range(step) if kinds[s % len(kinds)] == k) * cfg.batch_size for k in sets}
-    streams = {k: iter(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=CountFrom(done[k]),
-                                                    num_workers=cfg.workers))
+    drawn = lambda k, steps: sum(1 for s in range(steps) if kinds[s % len(kinds)] == k) * cfg.batch_size  # noqa: E731
+    streams = {k: iter(torch.utils.data.DataLoader(Epochs(ds), batch_size=cfg.batch_size,
+                                                    sampler=CountFrom(drawn(k, step)), num_workers=cfg.workers))
                for k, ds in sets.items() if k in kinds}
-    val_pairs = [TestPairs(dataset, "unseen")[i] for i in range(min(cfg.val_pairs, len(dataset.test_lists["unseen"])))]
+    val_sets = {name: TestPairs(dataset, name) for name in ("unseen", "seen") if dataset.test_lists.get(name)}
+    val_pairs = {name: [ds[i] for i in range(min(cfg.val_pairs, len(ds)))] for name, ds in val_sets.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
     def save_checkpoint():
         ckpt.save(out / "checkpoint.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
             "loss_config": asdict(loss_cfg), "train_config": asdict(cfg), "step": step,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
+            "epoch": step * cfg.batch_size / cfg.pairs_per_epoch, "sampler": {k: drawn(k, step) for k in streams},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
 
     model.train()
     start = time.perf_counter()
@@ -303,9 +333,10 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
         bar.update(1)
         bar.set_postfix(total=f"{row['total']:.3f}", rec=f"{row['rec']:.4f}", kind=kind)
         if step % cfg.val_every == 0 or step == total:
-            pmd = validation_pmd(model, val_pairs, device, model_cfg.backend)
-            _append_csv(out / "val.csv", {"step": step, "pmd": pmd})
-            bar.write(f"step {step}: validation PMD {pmd * 1e4:.2f} x 1e-4")
+            pmd = {name: validation_pmd(model, pairs, device) for name, pairs in val_pairs.items()}
+            _append_csv(out / "val.csv", {"step": step, "pmd": pmd.get("unseen", float("nan")),
+                                          "pmd_seen": pmd.get("seen", float("nan"))})
+            bar.write(f"step {step}: validation PMD x 1e-4: " + ", ".join(f"{k} {v * 1e4:.2f}" for k, v in pmd.items()))
         if step % cfg.checkpoint_every == 0 or step == last:
             save_checkpoint()
     bar.close()
@@ -316,7 +347,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
 
 
 def read_validation(out) -> list[tuple[int, float]]:
-    """(step, raw PMD) rows of OUT/val.csv."""
+    """(step, raw PMD on the "unseen" pairs) rows of OUT/val.csv (column "pmd_seen" has the "seen" ones)."""
     with open(Path(out) / "val.csv") as f:
         return [(int(r["step"]), float(r["pmd"])) for r in csv.DictReader(f)]
 

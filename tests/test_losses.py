@@ -70,3 +70,35 @@ def test_align_gathers_pose_features():
     f = torch.arange(12.0).reshape(1, 4, 3)
     matching = torch.tensor([[3, 0, 0]])
     assert torch.equal(losses.align(f, matching)[0], f[0, [3, 0, 0]])
+
+
+def test_edge_with_per_sample_faces_follows_the_shuffle():
+    """Each sample's faces index its own shuffled vertices: shuffling a mesh and re-indexing its
+    faces leaves the loss unchanged."""
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 6, 3), torch.randn(1, 6, 3)
+    faces = torch.tensor([[0, 1, 2], [2, 3, 4], [4, 5, 0], [1, 3, 5]])
+    perm = torch.randperm(6)  # shuffled = original[perm]
+    inverse = torch.argsort(perm)
+    shuffled_faces = inverse[faces]
+    ys, xs = torch.cat([y, y[:, perm]]), torch.cat([x, x[:, perm]])
+    per_sample = torch.stack([faces, shuffled_faces])
+    torch.testing.assert_close(losses.edge(ys, xs, per_sample), losses.edge(y, x, faces))
+
+
+def test_point_triplet_known_value():
+    """Two vertices, so the random negative is always the other one."""
+    w = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    i = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]])
+    # vertex 0: d_pos 0, d_neg |(0,0) - (3,0)| = 3 -> 0; vertex 1: d_pos 2, d_neg |(1,0) - (0,0)| = 1 -> 2
+    value = losses.point_contrastive(w, i, LossConfig(point_form="triplet"))
+    assert value.item() == pytest.approx(1.0)
+
+
+def test_weights_apply_in_train_total():
+    import train
+
+    terms = {"rec": torch.tensor(1.0), "edge": torch.tensor(2.0), "mesh": torch.tensor(3.0), "point": torch.tensor(4.0)}
+    assert train.weighted_total(terms, LossConfig()).item() == pytest.approx(1000 + 1 + 3 + 4)
+    cfg = LossConfig(reconstruction=1, edge=0, mesh_contrastive=2, point_contrastive=0)
+    assert train.weighted_total(terms, cfg).item() == pytest.approx(1 + 6)

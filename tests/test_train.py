@@ -1,12 +1,15 @@
 """train.py: every mode for one step, exact resume, torch vs chunked convergence, errors."""
 import csv
+from dataclasses import asdict
 
 import pytest
 import torch
-
 import trimesh
 
 import train
+from mapconnet import checkpoint as ckpt
+from mapconnet.cli import build_parser, parse_dataclass, split
+from mapconnet.data import open_dataset
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
 
@@ -23,7 +26,7 @@ def _run(tiny_dataset, out, backend="chunked", **kw):
                                   dict(percentage=50, use_unlabelled=True)], ids=["supervised", "unsupervised", "semi"])
 def test_one_step_per_mode(tiny_dataset, tmp_path, mode):
     steps = 6 if mode.get("percentage") == 50 else 1  # the semi-supervised cycle has 6 kinds of step
-    result = _run(tiny_dataset, tmp_path, max_steps=steps, **mode)
+    result = _run(tiny_dataset, tmp_path, max_steps=steps, batch_size=1 if steps > 1 else 2, **mode)
     kinds = [row["kind"] for row in result["history"]]
     if not mode:
         assert kinds == ["labelled"]
@@ -35,16 +38,58 @@ def test_one_step_per_mode(tiny_dataset, tmp_path, mode):
         assert all(torch.isfinite(torch.tensor(row[k])) for k in ("total", "rec", "edge", "mesh", "point"))
     for name in ("checkpoint.pt", "losses.csv", "val.csv", "losses.png"):
         assert (tmp_path / name).exists()
+    with open(tmp_path / "val.csv") as f:
+        val = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in val] == [steps] and float(val[0]["pmd"]) > 0 and float(val[0]["pmd_seen"]) > 0
 
 
 def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
-    straight = _run(tiny_dataset, tmp_path / "a", max_steps=4, batch_size=1)["history"]
-    first = _run(tiny_dataset, tmp_path / "b", max_steps=4, batch_size=1, stop_after=2)["history"]  # "interrupted"
-    rest = _run(tiny_dataset, tmp_path / "b", max_steps=4, batch_size=1, resume=True)["history"]
+    """N steps straight = N/2 steps, a checkpoint, --resume, N/2 steps: the same losses bit for bit.
+    Three pairs per epoch, so the run crosses into epoch 1 (fresh samples) before and after the break."""
+    kw = dict(max_steps=4, batch_size=1, pairs_per_epoch=3)
+    straight = _run(tiny_dataset, tmp_path / "a", **kw)["history"]
+    first = _run(tiny_dataset, tmp_path / "b", stop_after=2, **kw)["history"]  # "interrupted"
+    saved = ckpt.load(tmp_path / "b" / "checkpoint.pt")
+    assert {"model", "optimizer", "model_config", "loss_config", "train_config", "step", "epoch", "sampler",
+            "rng"} <= set(saved)
+    assert saved["step"] == 2 and saved["epoch"] == pytest.approx(2 / 3) and saved["sampler"] == {"labelled": 2}
+    assert saved["model_config"] == asdict(ModelConfig(**TINY, backend="chunked"))
+    rest = _run(tiny_dataset, tmp_path / "b", resume=True, **kw)["history"]
     assert [r["step"] for r in first + rest] == [0, 1, 2, 3]
     assert [r["total"] for r in first + rest] == [r["total"] for r in straight]
     with open(tmp_path / "b" / "losses.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+    # a checkpoint resumes on another kernels backend (a runtime choice, not the architecture)
+    more = _run(tiny_dataset, tmp_path / "b", backend="torch", resume=True, max_steps=5, batch_size=1,
+                pairs_per_epoch=3)["history"]
+    assert [r["step"] for r in more] == [4]
+
+
+def test_epochs_draw_new_samples(tiny_dataset):
+    """Global sample g is item g % length of epoch g // length: later epochs are fresh draws."""
+    samples = train.SupervisedPairs(open_dataset(tiny_dataset), [0, 1, 2], [0, 1, 2, 3], 2, seed=0)
+    folded = train.Epochs(samples)
+    first, again, later = folded[1], folded[1], folded[3]
+    assert torch.equal(first["identity_perm"], again["identity_perm"])
+    assert not torch.equal(first["identity_perm"], later["identity_perm"])
+    samples.set_epoch(1)
+    assert torch.equal(samples[1]["identity_perm"], later["identity_perm"])
+
+
+def test_command_line_names():
+    parser = build_parser(train.TrainConfig, ModelConfig, LossConfig)
+    args = ("--data D --out O --batch-size 3 --epochs 2 --max-steps 5 --percentage 50 --use-unlabelled "
+            "--backend chunked --device cpu --seed 7 --resume --pairs-per-epoch 10 --checkpoint-every 4 "
+            "--val-every 2 --val-pairs 1 --workers 1 --no-bf16 --checkpoint-decoder --tau 0.1").split()
+    cfg, model_cfg, loss_cfg = split(parser.parse_args(args), train.TrainConfig, ModelConfig, LossConfig)
+    assert (cfg.data, cfg.out, cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.percentage) == ("D", "O", 3, 2, 5, 50)
+    assert cfg.use_unlabelled and cfg.resume and not cfg.bf16 and (cfg.seed, cfg.workers) == (7, 1)
+    assert model_cfg.backend == "chunked" and model_cfg.checkpoint_decoder and loss_cfg.tau == 0.1
+    defaults = split(parser.parse_args([]), train.TrainConfig, ModelConfig, LossConfig)
+    assert defaults == (train.TrainConfig(), ModelConfig(), LossConfig())  # one place for defaults
+    assert parse_dataclass(ModelConfig, ["--decoder-widths", "8", "4"]).decoder_widths == (8, 4)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        split(parser.parse_args(["--backend", "gpu"]), train.TrainConfig, ModelConfig, LossConfig)
 
 
 def _sphere_batches(steps, dtype=torch.float64):
@@ -84,10 +129,14 @@ def test_chunked_and_dense_training_curves_agree():
 def test_errors(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="--percentage 0 leaves data unlabelled but --use-unlabelled is off"):
         _run(tiny_dataset, tmp_path, max_steps=1, percentage=0)
-    with pytest.raises(FileNotFoundError, match="dataset folder .* does not exist"):
+    with pytest.raises(ValueError, match=r"--percentage must be in \[0, 100\], got 150"):
+        _run(tiny_dataset, tmp_path, max_steps=1, percentage=150, use_unlabelled=True)
+    with pytest.raises(ValueError, match="--data .*missing does not exist .* expected a dataset folder"):
         train.main(train.TrainConfig(data=str(tmp_path / "missing"), out=str(tmp_path), max_steps=1))
+    with pytest.raises(ValueError, match="--resume needs .*checkpoint.pt, which does not exist"):
+        _run(tiny_dataset, tmp_path / "fresh", max_steps=1, resume=True)
     _run(tiny_dataset, tmp_path / "r", max_steps=1)
-    with pytest.raises(ValueError, match="was trained with model config"):
+    with pytest.raises(ValueError, match=r"another model config \(feature_dim: checkpoint 16, given 8\)"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "r"), max_steps=2, resume=True),
                    ModelConfig(**{**TINY, "feature_dim": 8}))
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
