@@ -306,9 +306,17 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
 
+    def validate():
+        pmd = {name: validation_pmd(model, pairs, device) for name, pairs in val_pairs.items()}
+        _append_csv(out / "val.csv", {"step": step, "pmd": pmd.get("unseen", float("nan")),
+                                      "pmd_seen": pmd.get("seen", float("nan"))})
+        bar.write(f"step {step}: validation PMD x 1e-4: " + ", ".join(f"{k} {v * 1e4:.2f}" for k, v in pmd.items()))
+
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    if step == 0:
+        validate()  # the untrained model: the curve's starting point
     history = []
     last = min(total, step + cfg.stop_after) if cfg.stop_after > 0 else total
     while step < last:
@@ -333,10 +341,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
         bar.update(1)
         bar.set_postfix(total=f"{row['total']:.3f}", rec=f"{row['rec']:.4f}", kind=kind)
         if step % cfg.val_every == 0 or step == total:
-            pmd = {name: validation_pmd(model, pairs, device) for name, pairs in val_pairs.items()}
-            _append_csv(out / "val.csv", {"step": step, "pmd": pmd.get("unseen", float("nan")),
-                                          "pmd_seen": pmd.get("seen", float("nan"))})
-            bar.write(f"step {step}: validation PMD x 1e-4: " + ", ".join(f"{k} {v * 1e4:.2f}" for k, v in pmd.items()))
+            validate()
         if step % cfg.checkpoint_every == 0 or step == last:
             save_checkpoint()
     bar.close()

@@ -40,7 +40,8 @@ def test_one_step_per_mode(tiny_dataset, tmp_path, mode):
         assert (tmp_path / name).exists()
     with open(tmp_path / "val.csv") as f:
         val = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in val] == [steps] and float(val[0]["pmd"]) > 0 and float(val[0]["pmd_seen"]) > 0
+    assert [int(r["step"]) for r in val] == [0, steps]  # before training and at the end
+    assert all(float(r["pmd"]) > 0 and float(r["pmd_seen"]) > 0 for r in val)
 
 
 def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
@@ -59,6 +60,7 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     assert [r["total"] for r in first + rest] == [r["total"] for r in straight]
     with open(tmp_path / "b" / "losses.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+    assert train.read_validation(tmp_path / "b") == train.read_validation(tmp_path / "a")  # steps 0 and 4
     # a checkpoint resumes on another kernels backend (a runtime choice, not the architecture)
     more = _run(tiny_dataset, tmp_path / "b", backend="torch", resume=True, max_steps=5, batch_size=1,
                 pairs_per_epoch=3)["history"]
