@@ -216,6 +216,7 @@ def plot_curves(out: Path) -> None:
                 axes[1].plot([int(r["step"]) for r in val], [float(r[key]) * 1e4 for r in val], marker="o",
                              label=label)
         axes[1].legend(fontsize=8)
+    axes[1].set_yscale("log")  # the untrained model's step-0 value is ~100x the trained ones
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("PMD (x 1e-4)")
     axes[1].set_title("validation PMD (held-out test pairs)")
