@@ -32,16 +32,17 @@ _MODULES = {
 # The auto rule. Thresholds are pair counts B * N * M per call, set from `make bench`
 # (bench/results/cpu-quick.json, tables in bench/RESULTS.md "The auto rule and the data behind it";
 # 2 shared CPU cores, torch 2.13 CPU, fp32, forward + backward):
-# - softmax family on CPU: chunked costs ~1.2x dense at 1M-4M pairs for attend (1.04-1.18x for
-#   lse / info_nce), ~1.1x at 16M, and is faster from 16M-67M pairs (attend 8192^2: 0.9x, 109 MB vs
-#   781 MB); dense keeps ~12-16 bytes per pair alive (Sinkhorn ~115). Sinkhorn (9 LSEs + attend,
-#   the model's main all-pairs call) is already 1.5-1.7x faster chunked at 1M-4M pairs, so the
-#   threshold is 1M pairs (N = M = 1024): there dense wins a single attend/lse by <= 4 ms
-#   (15 vs 19 ms), and above it the cases where dense would still win (single attend/lse at
-#   1M-16M pairs) cost <= 25% more chunked while dense memory grows 12+ B/pair.
+# - softmax family on CPU (quiet run of 2026-12-02, BLAS 150 GFLOP/s): at 1M pairs (N = M = 1024)
+#   dense wins a single attend / info_nce by 5-6 ms (18.5 vs 24.6 ms; 16.1 vs 19.2 ms) while chunked
+#   already wins lse (0.89x) and Sinkhorn (0.84x; 9 LSEs + attend, the model's main all-pairs call);
+#   at 4M pairs a single attend is 1.2-1.5x slower chunked (42.6 vs 52.4 ms at C = 64) while Sinkhorn
+#   ties (1.01x); at 16M everything ties or favours chunked (attend 0.98-0.99x, info_nce 0.72x, lse
+#   0.62x) and at 67M chunked is faster (attend 8192^2, C = 256: 0.72x, 179 MB vs 785 MB). Dense
+#   keeps ~12-16 bytes per pair alive (Sinkhorn ~115), so the threshold is 1M pairs: the price is
+#   up to ~30 ms (1.5x) on a lone attend at 1M-4M pairs, the gain memory that stays O(N + M).
 # - nearest on CPU: the KD-tree ties dense chamfer at 256^2 = 65,536 pairs per direction and is
-#   4x faster at 512^2, 9x at 1024^2, 80x at 4096^2 (dense: ~23 bytes per pair; 100k points would
-#   need ~260 GB; kdtree does 100k in 0.2 s, KeOps in ~10 s).
+#   2.4x faster at 512^2, 5x at 1024^2, 64x at 4096^2 (dense: ~23 bytes per pair; 100k points would
+#   need ~260 GB; kdtree does 100k in 0.22 s, KeOps in ~14 s).
 # - CUDA: not measured yet (no GPU in the benchmarking session); 1M pairs is the prior: dense torch
 #   only where launch overhead dominates, Triton above (fused, O(N + M) memory).
 CPU_DENSE_MAX_PAIRS = 1024 * 1024
