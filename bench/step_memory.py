@@ -1,0 +1,67 @@
+"""Peak memory of one supervised training step at N vertices, under an address-space cap.
+
+    python -m bench.step_memory --backend chunked --vertices 13348 [--limit-gib 20] [--batch 2]
+        [--checkpoint-decoder]
+
+The step is train.py's own (`train.supervised_losses` + `train.weighted_total`, backward, Adam)
+with the full default model on random meshes and random faces (memory and time do not depend on
+the geometry). RLIMIT_AS caps the process at --limit-gib, so a step that would not fit in that
+much memory fails with an allocation error instead of swapping; the result is one line:
+`OK|OOM backend=... n=... peak_rss=... GiB`. CPU only (the cap and ru_maxrss are host memory).
+The table "How large a mesh trains" in README.md comes from this command.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+import train
+from mapconnet.losses import LossConfig
+from mapconnet.model import MAPConNet, ModelConfig
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="chunked", help="kernels backend: auto, torch, chunked, keops")
+    parser.add_argument("--vertices", type=int, required=True, help="mesh size N (identity = pose = target)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--limit-gib", type=float, default=20.0, help="address-space cap for the step")
+    parser.add_argument("--checkpoint-decoder", action="store_true", help="recompute decoder stages in backward")
+    args = parser.parse_args(argv)
+    if args.vertices < 3 or args.batch < 1 or args.limit_gib <= 0:
+        parser.error("--vertices must be >= 3, --batch >= 1 and --limit-gib > 0")
+
+    torch.manual_seed(0)
+    model = MAPConNet(ModelConfig(backend=args.backend, checkpoint_decoder=args.checkpoint_decoder)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    n, b = args.vertices, args.batch
+    batch = {key: torch.rand(b, n, 3, generator=gen) - 0.5 for key in ("identity", "pose", "target")}
+    batch["identity_faces"] = torch.randint(0, n, (b, 2 * n, 3), generator=gen)
+    loss_cfg = LossConfig()
+    before = peak_rss_gib()
+    cap = int(args.limit_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    start = time.perf_counter()
+    try:
+        train.weighted_total(train.supervised_losses(model, batch, loss_cfg, args.backend), loss_cfg).backward()
+        opt.step()
+        status = "OK"
+    except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as RuntimeError
+        status = "OOM (" + str(err).splitlines()[0][:100] + ")"
+    line = (f"{status} backend={args.backend} n={n} batch={b} checkpoint_decoder={args.checkpoint_decoder} "
+            f"limit={args.limit_gib:g} GiB wall={time.perf_counter() - start:.0f} s "
+            f"peak_rss={peak_rss_gib():.2f} GiB (before the step {before:.2f} GiB)")
+    print(line, flush=True)
+    return line
+
+
+if __name__ == "__main__":
+    main()
