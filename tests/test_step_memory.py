@@ -12,8 +12,10 @@ def _run(*args: str) -> str:
 
 
 def test_step_fits_and_reports_peak_memory():
-    line = _run("--backend", "chunked", "--vertices", "300", "--batch", "1", "--limit-gib", "8")
-    assert line.startswith("OK backend=chunked n=300 batch=1"), line
+    # 3,000 vertices: the decoder's activations alone (~40 (N, 1024) fp32 tensors, ~0.5 GiB) lift the
+    # high-water mark above what imports and model construction reached (0.5-1 GiB).
+    line = _run("--backend", "chunked", "--vertices", "3000", "--batch", "1", "--limit-gib", "8")
+    assert line.startswith("OK backend=chunked n=3000 batch=1"), line
     peak, before = map(float, re.search(r"peak_rss=([\d.]+) GiB \(before the step ([\d.]+) GiB\)", line).groups())
     assert 0 < before < peak < 8
 
