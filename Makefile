@@ -36,7 +36,7 @@ bench-full: $(STAMP)
 	$(PY) -m bench.report
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff
+	$(PY) -m pip install -q "ruff==0.17.6"
 	$(PY) -m ruff check kernels mapconnet bench tests train.py evaluate.py
 
 clean:

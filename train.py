@@ -35,8 +35,16 @@ import kernels
 from mapconnet import checkpoint as ckpt
 from mapconnet.cli import build_parser, split
 from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
-from mapconnet.losses import (LossConfig, align, cross_triplets, edge, mesh_contrastive, point_contrastive,
-                              reconstruction, standard_triplets)
+from mapconnet.losses import (
+    LossConfig,
+    align,
+    cross_triplets,
+    edge,
+    mesh_contrastive,
+    point_contrastive,
+    reconstruction,
+    standard_triplets,
+)
 from mapconnet.model import MAPConNet, ModelConfig
 
 DEMO_DATA_ARGS = ["--identities", "8", "--poses", "32", "--test-identities", "4", "--test-poses", "8",
@@ -65,7 +73,9 @@ class TrainConfig:
     val_every: int = 8
     val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD
     resume: bool = False
-    stop_after: int = 0  # leave after this many steps of this run (checkpointed; the schedule is the full run's), e.g. to fit a job time limit
+    # leave after this many steps of this run (checkpointed; the schedule is the full run's),
+    # e.g. to fit a job time limit
+    stop_after: int = 0
 
 
 class CountFrom(torch.utils.data.Sampler):
@@ -192,8 +202,9 @@ def validation_pmd(model, pairs, device) -> float:
 
 
 def plot_curves(out: Path) -> None:
-    from mapconnet.render import save_figure
     import matplotlib.pyplot as plt
+
+    from mapconnet.render import save_figure
 
     with open(out / "losses.csv") as f:
         rows = list(csv.DictReader(f))

@@ -168,7 +168,7 @@ def softmax_crossover(idx):
 
 def nearest_crossover(idx):
     table, first = [], {}
-    for (run, op, mode, c, b), by_n in sorted(idx.items()):
+    for (run, op, mode, _c, b), by_n in sorted(idx.items()):
         if op != "chamfer" or mode != "fwd+bwd":
             continue
         for n in sorted(by_n):
@@ -318,7 +318,8 @@ def render(rows, plot_names, plot_rel):
         n_other = sum(1 for e in es if not ok(e) and e.get("op") in OPS)
         gf = e0.get("blas_fp32_gflops")
         rr.append((f"`{run}`", e0.get("device", "?"), e0.get("datetime", "")[:16],
-                   f"torch {v.get('torch')}, triton {v.get('triton')}, pykeops {v.get('pykeops')}, scipy {v.get('scipy')}",
+                   f"torch {v.get('torch')}, triton {v.get('triton')}, pykeops {v.get('pykeops')}, "
+                   f"scipy {v.get('scipy')}",
                    f"{gf:.0f}" if gf else "-", n_ok, n_other))
     lines += [md_table(("file", "device", "date (UTC)", "versions", "fp32 matmul GFLOP/s (same run)",
                         "cases timed", "cases recorded as not run"), rr), ""]
@@ -392,7 +393,8 @@ def render(rows, plot_names, plot_rel):
                             "dense peak", "chunked peak"), r), ""]
         if sm_first:
             lines += ["Smallest measured pair count from which chunked is no slower than dense: " +
-                      "; ".join(f"{op} C={c} B={b}: {fmt_n(p)}" for (run, op, c, b), p in sorted(sm_first.items())) + ".", ""]
+                      "; ".join(f"{op} C={c} B={b}: {fmt_n(p)}"
+                                for (_run, op, c, b), p in sorted(sm_first.items())) + ".", ""]
         else:
             lines += ["Chunked is slower than dense at every measured size where dense ran.", ""]
     nn_table, nn_first = nearest_crossover(idx)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import pykeops
+import torch
 from pykeops.torch import Genred
 
 pykeops.set_verbose(False)  # one line per compiled module otherwise
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _argmin_op() -> Genred:
     return Genred("SqDist(X, Y)", ["X = Vi(3)", "Y = Vj(3)"], reduction_op="ArgMin", axis=1)
 

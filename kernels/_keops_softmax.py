@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import pykeops
+import torch
 from pykeops.torch import Genred
 
 pykeops.set_verbose(False)  # one line per compiled module otherwise
@@ -84,13 +84,13 @@ def _e1(like: torch.Tensor, width: int) -> torch.Tensor:
 # (B, Nr, .) by the reduced index r ("j").
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_op(cb: int) -> Genred:
     return Genred("(X | Y) + c", [f"X = Vi({cb})", f"Y = Vj({cb})", "c = Vj(1)"],
                   reduction_op="Max_ArgMax", axis=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sum_op(cb: int, db: int) -> Genred:
     return Genred("Exp((X | Y) + a + c) * (F | H) * W",
                   [f"X = Vi({cb})", "a = Vi(1)", f"Y = Vj({cb})", "c = Vj(1)",

@@ -49,7 +49,8 @@ def info_nce(q, k, *, pos=None, tau=0.07, reduction="mean", backend="auto"):
         if pos.device != q.device:
             raise ValueError(f"pos is on {pos.device} but q is on {q.device}; expected one device")
         if bool(((pos < 0) | (pos >= M)).any()):
-            raise ValueError(f"pos values must lie in [0, M) = [0, {M}), got min {int(pos.min())}, max {int(pos.max())}")
+            raise ValueError(f"pos values must lie in [0, M) = [0, {M}), "
+                             f"got min {int(pos.min())}, max {int(pos.max())}")
         positive = k.gather(1, pos.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N, C)
     ops = module("softmax", resolve("softmax", backend, q.device, B * N * M))
     losses = ops.lse(q, k, 1.0 / tau, None) - (q * positive).sum(-1) / tau  # (B, N)

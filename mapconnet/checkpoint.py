@@ -53,7 +53,8 @@ def model_config_from(payload: dict) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(payload["model_config"]) - fields
     if unknown:
-        raise ValueError(f"checkpoint model config has unknown fields {sorted(unknown)}; expected only {sorted(fields)}")
+        raise ValueError(f"checkpoint model config has unknown fields {sorted(unknown)}; "
+                         f"expected only {sorted(fields)}")
     return ModelConfig(**payload["model_config"])
 
 

@@ -40,7 +40,8 @@ class ModelConfig:
         if not self.decoder_widths:
             raise ValueError("decoder_widths must name at least one stage")
         if self.backend != "auto" and self.backend not in kernels.dispatch.SOFTMAX_BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {kernels.dispatch.SOFTMAX_BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"backend must be 'auto' or one of {kernels.dispatch.SOFTMAX_BACKENDS}, "
+                             f"got {self.backend!r}")
 
 
 @dataclass
@@ -168,7 +169,8 @@ class MAPConNet(nn.Module):
     def reset_parameters(self):
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+                spectral = hasattr(module, "parametrizations")
+                weight = module.parametrizations.weight.original if spectral else module.weight
                 nn.init.xavier_normal_(weight, gain=self.cfg.init_gain)
                 nn.init.zeros_(module.bias)
 

@@ -11,10 +11,10 @@ from mapconnet.data import (
     SupervisedPairs,
     TestPairs,
     UnlabelledTriplets,
+    anny_body,
     open_dataset,
     semi_supervised_split,
 )
-from mapconnet.data import anny_body
 from mapconnet.data.generate import _remove_stale_partials, parse_args
 from mapconnet.data.generate import main as generate
 from mapconnet.data.resolution import decimate, subdivide
@@ -63,7 +63,8 @@ def test_same_seed_same_bytes(tiny_dataset, tmp_path):
 
 def test_parse_args_has_no_side_effects_and_checks_values(tmp_path):
     args = parse_args(["--out", str(tmp_path / "x"), "--preset", "published", "--poses", "10"])
-    assert (args.identities, args.poses, args.test_identities, args.test_poses, args.test_pairs) == (16, 10, 14, 200, 400)
+    got = (args.identities, args.poses, args.test_identities, args.test_poses, args.test_pairs)
+    assert got == (16, 10, 14, 200, 400)
     assert args.resolution == "smpl"
     assert parse_args(["--out", "y"]).test_pairs == 400
     assert not (tmp_path / "x").exists()
@@ -196,7 +197,8 @@ def test_sampled_poses_respect_anatomical_limits():
                 assert _within(math.degrees(math.atan2(-arm[1], arm[0])), anny_body.SHOULDER_PLANE, tol=0.5)
             axis, angle = _axis_angle(R["lowerarm01"])
             signed = angle * np.sign(axis @ sampler.elbow_hinge) if angle > 1e-6 else 0.0
-            assert _within(signed, anny_body.ELBOW_FLEX, tol=0.01) and (angle < 1e-3 or abs(abs(axis @ sampler.elbow_hinge) - 1) < 1e-4)
+            assert _within(signed, anny_body.ELBOW_FLEX, tol=0.01)
+            assert angle < 1e-3 or abs(abs(axis @ sampler.elbow_hinge) - 1) < 1e-4
             axis, angle = _axis_angle(R["lowerarm02"])
             assert angle <= anny_body.FOREARM_TWIST[1] + 1e-3
             assert angle < 1e-3 or abs(abs(axis @ sampler.forearm_rest) - 1) < 1e-4
@@ -297,7 +299,8 @@ def _check_item(ds, item, keys_from_identity, keys_from_pose):
     for key, (i, p) in keys_from_pose.items():
         assert torch.equal(item[key], torch.from_numpy(ds.mesh(i, p)[perm_p])), key
     # the re-indexed faces describe the same triangles on the shuffled vertices
-    for verts, faces, perm in ((item["identity"], item["identity_faces"], perm_i), (item["pose"], item["pose_faces"], perm_p)):
+    for verts, faces, perm in ((item["identity"], item["identity_faces"], perm_i),
+                               (item["pose"], item["pose_faces"], perm_p)):
         original = verts.numpy()[np.argsort(perm)]
         assert np.array_equal(verts.numpy()[faces.numpy()], original[ds.faces])
     for key in list(keys_from_identity) + list(keys_from_pose):
@@ -336,7 +339,8 @@ def test_unlabelled_triplets(ds):
     for i in range(6):
         it = data[i]
         assert "target" not in it
-        a, p, b, q, r = (it[k] for k in ("identity_index", "identity_pose", "pose_identity", "pose_index", "pose2_index"))
+        keys = ("identity_index", "identity_pose", "pose_identity", "pose_index", "pose2_index")
+        a, p, b, q, r = (it[k] for k in keys)
         assert r != q and {p, q, r} <= set(ds.train_poses)
         _check_item(ds, it, {"identity": (a, p)}, {"pose": (b, q), "pose2": (b, r)})
     with pytest.raises(ValueError, match="two poses"):
@@ -350,7 +354,8 @@ def test_test_pairs_are_fixed(ds):
         for i in range(len(data)):
             it = data[i]
             a, p, b, q = ds.test_lists[name][i]
-            assert it["pair"] == i and (it["identity_index"], it["identity_pose"], it["pose_identity"], it["pose_index"]) == (a, p, b, q)
+            assert it["pair"] == i
+            assert (it["identity_index"], it["identity_pose"], it["pose_identity"], it["pose_index"]) == (a, p, b, q)
             _check_item(ds, it, {"identity": (a, p), "target": (a, q)}, {"pose": (b, q)})
         other = TestPairs(ds, name)
         other.set_epoch(5)

@@ -80,7 +80,8 @@ def _check(backend, fn, tensors, *, cancellation_floor=0.0):
     """
     out, grads = _grads(lambda *t: fn(*t, backend), tensors)
     naive_out, naive_grads = _grads(lambda *t: fn(*t, "torch"), tensors)
-    ref_out, ref_grads = _grads(lambda *t: fn(*t, "torch"), [t.double() if t.is_floating_point() else t for t in tensors])
+    doubles = [t.double() if t.is_floating_point() else t for t in tensors]
+    ref_out, ref_grads = _grads(lambda *t: fn(*t, "torch"), doubles)
     assert out.shape == ref_out.shape and out.dtype == naive_out.dtype
     magnitude = max([ref_out.abs().max().item() if ref_out.numel() else 0.0]
                     + [g.abs().max().item() for g in ref_grads if g is not None and g.numel()] + [1.0])
@@ -167,7 +168,8 @@ def test_reference_matches_explicit_formulas():
     S = torch.einsum("bnc,bmc->bnm", q, k) * 3.0 + bias[:, None, :]
     E = torch.exp(S)
     torch.testing.assert_close(reference.lse(q, k, 3.0, bias), torch.log(E.sum(-1)))
-    torch.testing.assert_close(reference.attend(q, k, v, 3.0, bias), torch.einsum("bnm,bmd->bnd", E / E.sum(-1, keepdim=True), v))
+    expected = torch.einsum("bnm,bmd->bnd", E / E.sum(-1, keepdim=True), v)
+    torch.testing.assert_close(reference.attend(q, k, v, 3.0, bias), expected)
     x, y = torch.rand(2, 9, 3, dtype=torch.float64), torch.rand(2, 13, 3, dtype=torch.float64)
     d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist") ** 2
     loss = kernels.info_nce(q, k[:, :9], tau=0.5, reduction="none", backend="torch")

@@ -2,12 +2,11 @@
 import numpy as np
 import pytest
 import trimesh
+from test_evaluate import tiny_checkpoint  # noqa: F401  (session fixture)
 
 from mapconnet import transfer
 from mapconnet.data import open_dataset
 from mapconnet.meshio import save_mesh
-
-from test_evaluate import tiny_checkpoint  # noqa: F401  (session fixture)
 
 
 @pytest.fixture()
@@ -69,7 +68,8 @@ def test_transfer_errors(meshes, tiny_checkpoint, tmp_path, monkeypatch):  # noq
     nan_mesh = tmp_path / "nan.obj"
     v = ds.mesh(0, 0).copy()
     v[3] = np.nan
-    nan_mesh.write_text("".join(f"v {a} {b} {c}\n" for a, b, c in v) + "".join(f"f {a+1} {b+1} {c+1}\n" for a, b, c in ds.faces))
+    nan_mesh.write_text("".join(f"v {a} {b} {c}\n" for a, b, c in v)
+                        + "".join(f"f {a+1} {b+1} {c+1}\n" for a, b, c in ds.faces))
     with pytest.raises(ValueError, match="NaN"):
         transfer.main(args(identity=nan_mesh))
     with pytest.raises(FileNotFoundError, match="does not exist"):

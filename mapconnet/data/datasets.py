@@ -70,7 +70,7 @@ class MeshDataset:
         v -= (v.max(0) + v.min(0)) / 2
         return v
 
-    def validate(self) -> "MeshDataset":
+    def validate(self) -> MeshDataset:
         """Check shapes, index ranges and test lists; raise ValueError naming `path`. Returns self."""
         where = self.path if self.path is not None else "dataset"
         if self.vertices.ndim != 4 or self.vertices.shape[-1] != 3 or 0 in self.vertices.shape:
@@ -80,7 +80,8 @@ class MeshDataset:
                 self.faces.min() < 0 or self.faces.max() >= V:
             raise ValueError(f"{where}: faces of shape {self.faces.shape} must be (F, 3) indices into the {V} vertices")
         I, P = self.shape
-        for name, values, n in (("train_identities", self.train_identities, I), ("test_identities", self.test_identities, I),
+        for name, values, n in (("train_identities", self.train_identities, I),
+                                ("test_identities", self.test_identities, I),
                                 ("train_poses", self.train_poses, P), ("test_poses", self.test_poses, P)):
             bad = [v for v in values if not (isinstance(v, int) and 0 <= v < n)]
             if bad:
@@ -89,7 +90,9 @@ class MeshDataset:
             if not quads:
                 raise ValueError(f"{where}: test list {name!r} is empty")
             for k, quad in enumerate(quads):
-                if len(quad) != 4 or not (0 <= quad[0] < I and 0 <= quad[1] < P and 0 <= quad[2] < I and 0 <= quad[3] < P):
+                inside = (len(quad) == 4 and 0 <= quad[0] < I and 0 <= quad[1] < P
+                          and 0 <= quad[2] < I and 0 <= quad[3] < P)
+                if not inside:
                     raise ValueError(f"{where}: test list {name!r} entry {k} is {quad}; expected "
                                      f"[identity, identity_pose, pose_identity, pose] inside the {I} x {P} grid")
         return self

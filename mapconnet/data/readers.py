@@ -98,7 +98,7 @@ def read_mesh_folder(folder, *, pattern: str | None = None, arrange: str = "pose
         expected = f"files named like {pattern}"
     else:
         meshes = [p for p in files if p.suffix.lower() in MESH_SUFFIXES]
-        for k, p in enumerate(meshes):
+        for p in meshes:
             found[("0", p.stem) if arrange == "poses" else (p.stem, "0")] = p
         expected = f"mesh files ({', '.join(MESH_SUFFIXES)})"
     if not found:
@@ -131,7 +131,8 @@ def read_mesh_folder(folder, *, pattern: str | None = None, arrange: str = "pose
     train = (all_ids, all_poses) if split == "train" else ([], [])
     test = (all_ids, all_poses) if split == "test" else ([], [])
     manifest = {"source": source, "folder": str(folder), "identity_labels": ids, "pose_labels": poses,
-                "num_vertices": int(vertices.shape[2]), "files": {f"{row[i]},{col[p]}": f.name for (i, p), f in found.items()}}
+                "num_vertices": int(vertices.shape[2]),
+                "files": {f"{row[i]},{col[p]}": f.name for (i, p), f in found.items()}}
     ds = MeshDataset(vertices, faces, train[0], train[1], test[0], test[1], lists, manifest=manifest, path=folder)
     return ds.validate()
 
@@ -155,7 +156,8 @@ def _read_test_list(path: Path, found: dict, row: dict, col: dict) -> list[list[
         for name in names:
             key = by_name.get(Path(name).name, by_name.get(Path(name).stem))
             if key is None:
-                raise ValueError(f"{path}:{n}: {name} names no mesh file of the folder {next(iter(found.values())).parent}")
+                folder = next(iter(found.values())).parent
+                raise ValueError(f"{path}:{n}: {name} names no mesh file of the folder {folder}")
             keys.append(key)
         (a, p), (b, q), gt = keys
         if gt != (a, q):
