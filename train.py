@@ -182,6 +182,11 @@ def weighted_total(terms: dict, loss_cfg: LossConfig) -> torch.Tensor:
     return sum(weights[k] * v for k, v in terms.items())
 
 
+def make_optimizer(model, lr: float) -> torch.optim.Adam:
+    """The one optimiser of training and the benchmarks: Adam, beta1 = 0, beta2 = 0.9, eps = 1e-3."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=1e-3)
+
+
 def lr_at(step: int, total: int, base: float) -> float:
     """Constant for the first half, then linear decay to 0 at `total`."""
     half = total // 2
@@ -275,7 +280,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = MAPConNet(model_cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.9), eps=1e-3)
+    optimizer = make_optimizer(model, cfg.lr)
     step = 0
     if cfg.resume:
         if not (out / "checkpoint.pt").is_file():

@@ -3,7 +3,8 @@
     python -m bench.step_memory --backend chunked --vertices 13348 [--limit-gib 20] [--batch 2]
         [--checkpoint-decoder]
 
-The step is train.py's own (`train.supervised_losses` + `train.weighted_total`, backward, Adam)
+The step is train.py's own (`train.supervised_losses` + `train.weighted_total`, backward,
+optimiser update), built by `random_training_step` (bench/bench_train_step.py times the same step),
 with the full default model on random meshes and random faces (memory and time do not depend on
 the geometry). RLIMIT_AS caps the process at --limit-gib, so a step that would not fit in that
 much memory fails with an allocation error instead of swapping; the result is one line:
@@ -27,6 +28,27 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def random_training_step(backend: str, n: int, batch: int, *, m: int | None = None, device="cpu",
+                         checkpoint_decoder: bool = False):
+    """One supervised step of the full default model on random meshes (identity and target (batch, n, 3),
+    pose (batch, m, 3), 2n random faces): returns (optimizer, step) where step() runs the forward, every
+    loss term, the backward and train.py's optimiser update. Memory and time do not depend on the geometry."""
+    torch.manual_seed(0)
+    model = MAPConNet(ModelConfig(backend=backend, checkpoint_decoder=checkpoint_decoder)).to(device).train()
+    optimizer = train.make_optimizer(model, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    mesh = lambda rows: (torch.rand(batch, rows, 3, generator=gen) - 0.5).to(device)  # noqa: E731
+    inputs = {"identity": mesh(n), "pose": mesh(n if m is None else m), "target": mesh(n),
+              "identity_faces": torch.randint(0, n, (batch, 2 * n, 3), generator=gen).to(device)}
+    loss_cfg = LossConfig()
+
+    def step():
+        train.weighted_total(train.supervised_losses(model, inputs, loss_cfg, backend), loss_cfg).backward()
+        optimizer.step()
+
+    return optimizer, step
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="chunked", help="kernels backend: auto, torch, chunked, keops")
@@ -38,21 +60,14 @@ def main(argv=None) -> str:
     if args.vertices < 3 or args.batch < 1 or args.limit_gib <= 0:
         parser.error("--vertices must be >= 3, --batch >= 1 and --limit-gib > 0")
 
-    torch.manual_seed(0)
-    model = MAPConNet(ModelConfig(backend=args.backend, checkpoint_decoder=args.checkpoint_decoder)).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
     n, b = args.vertices, args.batch
-    batch = {key: torch.rand(b, n, 3, generator=gen) - 0.5 for key in ("identity", "pose", "target")}
-    batch["identity_faces"] = torch.randint(0, n, (b, 2 * n, 3), generator=gen)
-    loss_cfg = LossConfig()
+    _, step = random_training_step(args.backend, n, b, checkpoint_decoder=args.checkpoint_decoder)
     before = peak_rss_gib()
     cap = int(args.limit_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     start = time.perf_counter()
     try:
-        train.weighted_total(train.supervised_losses(model, batch, loss_cfg, args.backend), loss_cfg).backward()
-        opt.step()
+        step()
         status = "OK"
     except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as RuntimeError
         status = "OOM (" + str(err).splitlines()[0][:100] + ")"
