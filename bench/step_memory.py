@@ -3,8 +3,8 @@
     python -m bench.step_memory --backend chunked --vertices 13348 [--limit-gib 20] [--batch 2]
         [--checkpoint-decoder]
 
-The step is train.py's own (`train.supervised_losses` + `train.weighted_total`, backward,
-optimiser update), built by `random_training_step` (bench/bench_train_step.py times the same step),
+The step is training's own (`mapconnet.objective.supervised_losses` + `weighted_total`, backward,
+the optimiser of `mapconnet.training`), built by `random_training_step` (bench/bench_train_step.py times the same step),
 with the full default model on random meshes and random faces (memory and time do not depend on
 the geometry). RLIMIT_AS caps the process at --limit-gib, so a step that would not fit in that
 much memory fails with an allocation error instead of swapping; the result is one line:
@@ -19,9 +19,10 @@ import time
 
 import torch
 
-import train
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
+from mapconnet.objective import supervised_losses, weighted_total
+from mapconnet.training import make_optimizer
 
 
 def peak_rss_gib() -> float:
@@ -32,10 +33,10 @@ def random_training_step(backend: str, n: int, batch: int, *, m: int | None = No
                          checkpoint_decoder: bool = False):
     """One supervised step of the full default model on random meshes (identity and target (batch, n, 3),
     pose (batch, m, 3), 2n random faces): returns (optimizer, step) where step() runs the forward, every
-    loss term, the backward and train.py's optimiser update. Memory and time do not depend on the geometry."""
+    loss term, the backward and the training optimiser's update. Memory and time do not depend on the geometry."""
     torch.manual_seed(0)
     model = MAPConNet(ModelConfig(backend=backend, checkpoint_decoder=checkpoint_decoder)).to(device).train()
-    optimizer = train.make_optimizer(model, lr=1e-4)
+    optimizer = make_optimizer(model, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     mesh = lambda rows: (torch.rand(batch, rows, 3, generator=gen) - 0.5).to(device)  # noqa: E731
     inputs = {"identity": mesh(n), "pose": mesh(n if m is None else m), "target": mesh(n),
@@ -43,7 +44,7 @@ def random_training_step(backend: str, n: int, batch: int, *, m: int | None = No
     loss_cfg = LossConfig()
 
     def step():
-        train.weighted_total(train.supervised_losses(model, inputs, loss_cfg, backend), loss_cfg).backward()
+        weighted_total(supervised_losses(model, inputs, loss_cfg), loss_cfg).backward()
         optimizer.step()
 
     return optimizer, step

@@ -8,6 +8,8 @@ ops; see those for the full docstrings.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -27,6 +29,26 @@ def lse(q, k, scale, bias=None):
 def attend(q, k, v, scale, bias=None):
     """(B, N, D): sum_j softmax_j(S_ij) v_j."""
     return torch.bmm(torch.softmax(scores(q, k, scale, bias), dim=-1), v)
+
+
+def sinkhorn(q, k, v, scale, iters):
+    """Log-domain Sinkhorn on one dense score matrix, built once: ((B, N, D) warped v, (B, M) log b).
+
+    The streaming backends recompute the scores in each of the 2 * iters - 1 LSE passes; here the
+    (B, N, M) matrix S = scale * q k^T is formed once and every pass is a logsumexp over it, which
+    is what makes dense the fast path at small sizes. Autograd keeps about two (B, N, M) tensors
+    per pass.
+    """
+    s = scores(q, k, scale, None)  # (B, N, M)
+    N, M = s.shape[1], s.shape[2]
+    log_mu, log_nu = -math.log(N), -math.log(M)
+    log_a = torch.full_like(s[:, :, 0], log_mu)  # (B, N)
+    log_b = torch.zeros_like(s[:, 0, :])  # (B, M): any constant, softmax ignores it
+    for it in range(iters):
+        if it > 0:
+            log_a = log_mu - torch.logsumexp(s + log_b.unsqueeze(1), dim=2)
+        log_b = log_nu - torch.logsumexp(s + log_a.unsqueeze(2), dim=1)
+    return torch.bmm(torch.softmax(s + log_b.unsqueeze(1), dim=-1), v), log_b
 
 
 def argmax(q, k, scale, bias=None):

@@ -47,18 +47,21 @@ def sinkhorn_correspondence(q, k, v, *, eps=0.03, iters=5, backend="auto", retur
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
     B, N, M = q.shape[0], q.shape[1], k.shape[1]
-    ops = module("softmax", resolve("softmax", backend, q.device, B * N * M))
+    name = resolve("sinkhorn", backend, q.device, B * N * M)
+    ops = module("softmax", name)
     scale = 1.0 / eps
-
-    log_b = torch.zeros(B, M, dtype=q.dtype, device=q.device)  # any constant: softmax ignores it
-    if iters > 0:
-        log_mu, log_nu = -math.log(N), -math.log(M)
-        log_a = torch.full((B, N), log_mu, dtype=q.dtype, device=q.device)
-        for it in range(iters):
-            if it > 0:
-                log_a = log_mu - ops.lse(q, k, scale, log_b)
-            log_b = log_nu - ops.lse(k, q, scale, log_a)
-    out = ops.attend(q, k, v, scale, log_b)
+    if name == "torch":  # dense: the score matrix is built once for every pass
+        out, log_b = ops.sinkhorn(q, k, v, scale, iters)
+    else:
+        log_b = torch.zeros(B, M, dtype=q.dtype, device=q.device)  # any constant: softmax ignores it
+        if iters > 0:
+            log_mu, log_nu = -math.log(N), -math.log(M)
+            log_a = torch.full((B, N), log_mu, dtype=q.dtype, device=q.device)
+            for it in range(iters):
+                if it > 0:
+                    log_a = log_mu - ops.lse(q, k, scale, log_b)
+                log_b = log_nu - ops.lse(k, q, scale, log_a)
+        out = ops.attend(q, k, v, scale, log_b)
     if unbatched:
         out, log_b = out.squeeze(0), log_b.squeeze(0)
     return (out, log_b) if return_bias else out

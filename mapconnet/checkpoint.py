@@ -4,19 +4,25 @@ model back from one (train.py writes them; evaluate.py and transfer.py read them
 Keys written by train.py: "format" (CHECKPOINT_FORMAT), "model" (state dict), "optimizer" (state
 dict), "model_config", "loss_config" and "train_config" (plain dicts of the dataclasses), "step"
 (optimizer steps done), "epoch" (float: samples drawn / pairs per epoch), "sampler" ({step kind:
-samples drawn from that kind's stream}), "rng" ({"python", "numpy", "torch", "cuda"} states).
+samples drawn from that kind's stream}), "seconds" (training wall-clock so far), "rng" (`rng_state()`).
+Only tensors, numbers, strings, lists, tuples and dicts are stored, and files are read with
+`torch.load(weights_only=True)`: loading a checkpoint never runs code from it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mapconnet.model import MAPConNet, ModelConfig
 
-CHECKPOINT_FORMAT = "mapconnet-checkpoint-v1"
+# v2: residual decoder options in the model config, loss terms keyed by LossConfig names, RNG
+# states stored as plain tensors and numbers so that every checkpoint loads with weights_only=True.
+CHECKPOINT_FORMAT = "mapconnet-checkpoint-v2"
 
 # ModelConfig fields that choose how the model runs, not what it computes: a checkpoint may be
 # resumed or evaluated with other values.
@@ -40,12 +46,39 @@ def load(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a mapconnet checkpoint (expected a dict with format {CHECKPOINT_FORMAT!r})")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read checkpoint {path} as a plain tensor file ({type(e).__name__}: {first}); "
+                         "expected a file written by train.py (weights and numbers only)") from None
+    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("mapconnet-checkpoint-") and \
+            payload["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is a {payload['format']} checkpoint from another version of mapconnet; this "
+                         f"version reads {CHECKPOINT_FORMAT} (retrain, or use the version that wrote it)")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload \
+            or "model_config" not in payload:
+        raise ValueError(f"{path} is not a mapconnet checkpoint (expected a dict with format {CHECKPOINT_FORMAT!r}, "
+                         "\"model\" and \"model_config\")")
     return payload
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors and numbers (weights_only-safe)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def model_config_from(payload: dict) -> ModelConfig:
@@ -73,13 +106,44 @@ def check_compatible(payload: dict, cfg: ModelConfig, where="checkpoint") -> Non
                          "config or a new output folder")
 
 
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+# name accepted for --checkpoint -> file shipped in mapconnet/pretrained (weights only)
+PRETRAINED = {"pretrained": "supervised.pt", "pretrained-unsupervised": "unsupervised.pt",
+              "pretrained-semi": "semi.pt"}
+
+
+def resolve(path) -> Path:
+    """A checkpoint path, or one of the PRETRAINED names -> the file that ships in the package."""
+    name = str(path)
+    if name in PRETRAINED:
+        shipped = PRETRAINED_DIR / PRETRAINED[name]
+        if not shipped.is_file():
+            raise FileNotFoundError(f"checkpoint {name!r}: {shipped} does not ship with this install of mapconnet; "
+                                    f"shipped: {sorted(k for k, f in PRETRAINED.items() if (PRETRAINED_DIR / f).is_file())}")
+        return shipped
+    return Path(path)
+
+
+def export_weights(src, dst, **notes) -> Path:
+    """Write the weights-only form of a training checkpoint (what ships in mapconnet/pretrained):
+    format, model state, model config, step and training config, plus `notes` (plain values)."""
+    payload = load(src)
+    keep = {k: payload[k] for k in ("model", "model_config", "loss_config", "train_config", "step", "seconds")
+            if k in payload}
+    return save(dst, {**keep, **notes})
+
+
 def load_model(path, *, device="cpu", backend: str | None = None) -> MAPConNet:
-    """The trained model of a checkpoint in eval mode (spectral norms frozen), on `device`,
-    optionally with another kernels backend."""
+    """The trained model of a checkpoint (a path or a PRETRAINED name) in eval mode (spectral norms
+    frozen), on `device`, optionally with another kernels backend."""
+    path = resolve(path)
     payload = load(path)
     cfg = model_config_from(payload)
     if backend is not None:
         cfg = dataclasses.replace(cfg, backend=backend)
     model = MAPConNet(cfg)
-    model.load_state_dict(payload["model"])
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit its own model config: missing weights {missing[:4]}, "
+                         f"unexpected weights {unexpected[:4]} (a file edited or written by another version)")
     return model.to(device).eval()

@@ -40,16 +40,15 @@ def kernels_example(n: int = 20_000, channels: int = 64) -> None:
 
 def main() -> None:
     kernels_example()
-    import evaluate
-    import train
+    from mapconnet import evaluation, training
 
-    result = train.main(train.TrainConfig())  # builds data/demo when missing
-    val = train.read_validation(result["out"])
+    result = training.main(training.TrainConfig())  # builds data/demo when missing
+    val = training.read_validation(result["out"])
     if len(val) >= 2:
         print(f"[train] validation PMD went from {val[0][1] * 1e4:.1f} to {val[-1][1] * 1e4:.1f} x 1e-4 "
               f"(steps {val[0][0]} to {val[-1][0]}); curve: {result['out']}/losses.png")
-    cfg = evaluate.EvalConfig(max_pairs=16)
-    evaluate.main(cfg)
+    cfg = evaluation.EvalConfig(max_pairs=16)
+    evaluation.main(cfg)
     print(f"[demo] done: table {cfg.out}/results.md, pictures {cfg.out}/pairs/")
 
 

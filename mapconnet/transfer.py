@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pose", required=True, help="pose mesh, or a folder of pose meshes (frames)")
     parser.add_argument("--identity", required=True, help="identity mesh to re-pose")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--checkpoint", default="pretrained",
+                        help="checkpoint written by train.py (default: the pretrained model shipped with the package)")
     parser.add_argument("--out", required=True, help="output mesh (.ply/.obj), or a folder when --pose is a folder")
     parser.add_argument("--warped", action="store_true", help="also write the warped mesh (correspondence only)")
     parser.add_argument("--backend", default="auto", help="kernels backend (auto, torch, chunked, keops, triton)")

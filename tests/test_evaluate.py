@@ -7,10 +7,10 @@ import pytest
 import torch
 import trimesh
 
-import evaluate
-import train
+from mapconnet import evaluation as evaluate
+from mapconnet import training as train
 from mapconnet.checkpoint import load_model
-from mapconnet.data import open_dataset
+from mapconnet.data import TestPairs, open_dataset
 from mapconnet.model import ModelConfig
 
 TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8), backend="chunked")
@@ -19,7 +19,8 @@ TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_w
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train.main(train.TrainConfig(data=str(tiny_dataset), out=str(out), max_steps=2, val_every=2, val_pairs=2),
+    train.main(train.TrainConfig(data=str(tiny_dataset), out=str(out), max_steps=2, val_every=2, val_pairs=2,
+                                 compile=False),
                ModelConfig(**TINY))
     return out / "checkpoint.pt"
 
@@ -33,6 +34,24 @@ def test_metrics_by_hand():
     m = evaluate.pair_metrics(stretched, target, "kdtree")
     assert m["pmd"].item() == pytest.approx(2 / 6)  # (1 + 1) over 2 vertices x 3 coordinates
     assert m["cd"].item() == pytest.approx(2.0)  # 1 each way
+
+
+def test_perfect_warp_is_the_pose_mesh_in_identity_order(tiny_dataset):
+    """The reference row: the stored pose mesh (b, q) put into the identity mesh's vertex order."""
+    dataset = open_dataset(tiny_dataset)
+    pairs = TestPairs(dataset, "unseen")
+    batch = torch.utils.data.default_collate([pairs[0], pairs[1]])
+    warp = evaluate.perfect_warp(batch)
+    for i in range(2):
+        a, p, b, q = dataset.test_lists["unseen"][i]
+        expected = dataset.mesh(b, q)[batch["identity_perm"][i].numpy()]
+        np.testing.assert_array_equal(warp[i].numpy(), expected)
+    # same person in the target's pose: the perfect warp of a pair whose pose mesh shows the
+    # identity's own person is the target itself
+    a, p, _, q = dataset.test_lists["unseen"][0]
+    item = pairs._item(np.random.default_rng(0), a, p, a, q)
+    same = evaluate.perfect_warp(torch.utils.data.default_collate([item]))
+    np.testing.assert_array_equal(same[0].numpy(), item["target"].numpy())
 
 
 def test_evaluate_end_to_end(tiny_dataset, tiny_checkpoint, tmp_path):
@@ -55,6 +74,10 @@ def test_evaluate_end_to_end(tiny_dataset, tiny_checkpoint, tmp_path):
     pmd_unseen = np.mean([float(r["pmd"]) for r in rows if r["list"] == "unseen"])
     assert pmd_unseen == pytest.approx(metrics["unseen"]["pmd"])
     assert "identity mesh unchanged" in (tmp_path / "a" / "results.md").read_text()
+    assert "perfect warp" in (tmp_path / "a" / "results.md").read_text()
+    for name in ("unseen", "seen"):  # a warp that knows the true correspondence beats keeping the identity
+        refs = metrics[name]["references"]
+        assert refs["perfect_warp"]["pmd"] < refs["identity"]["pmd"]
     for png in [tmp_path / "a" / "pmd_hist_unseen.png", tmp_path / "a" / "pairs" / "unseen_0.png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

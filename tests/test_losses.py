@@ -95,10 +95,13 @@ def test_point_triplet_known_value():
     assert value.item() == pytest.approx(1.0)
 
 
-def test_weights_apply_in_train_total():
-    import train
+def test_weighted_total_is_keyed_by_loss_config_names():
+    from mapconnet.objective import weighted_total
 
-    terms = {"rec": torch.tensor(1.0), "edge": torch.tensor(2.0), "mesh": torch.tensor(3.0), "point": torch.tensor(4.0)}
-    assert train.weighted_total(terms, LossConfig()).item() == pytest.approx(1000 + 1 + 3 + 4)
+    terms = {"reconstruction": torch.tensor(1.0), "edge": torch.tensor(2.0), "mesh_contrastive": torch.tensor(3.0),
+             "point_contrastive": torch.tensor(4.0)}
+    assert weighted_total(terms, LossConfig()).item() == pytest.approx(1000 + 1 + 3 + 4)
     cfg = LossConfig(reconstruction=1, edge=0, mesh_contrastive=2, point_contrastive=0)
-    assert train.weighted_total(terms, cfg).item() == pytest.approx(1 + 6)
+    assert weighted_total(terms, cfg).item() == pytest.approx(1 + 6)
+    with pytest.raises(KeyError, match=r"loss terms \['rec'\] have no weight in LossConfig"):
+        weighted_total({"rec": torch.tensor(1.0)}, cfg)

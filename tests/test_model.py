@@ -7,6 +7,13 @@ from mapconnet.model import MAPConNet, ModelConfig, instance_norm
 TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8))
 
 
+def _trained_looking(model):
+    """A model whose residual decoder no longer outputs zero (its last layer starts at zero), so
+    tests of the decoder's values and gradients see it."""
+    torch.nn.init.normal_(model.decoder.out.weight, std=0.1)
+    return model
+
+
 def test_shapes_with_different_vertex_counts():
     model = MAPConNet(ModelConfig(**TINY, backend="chunked")).eval()
     identity, pose = torch.randn(2, 50, 3), torch.randn(2, 37, 3)
@@ -16,19 +23,49 @@ def test_shapes_with_different_vertex_counts():
     assert out.warped_features.shape == (2, 50, 16)
     assert out.matching.shape == (2, 50) and out.matching.dtype == torch.int64
     assert int(out.matching.max()) < 37
-    assert out.output.abs().max() <= 2  # Y = 2 tanh(.)
+    published = MAPConNet(ModelConfig(**TINY, backend="chunked", decoder_output="absolute")).eval()
+    assert published(identity, pose).output.abs().max() <= 2  # Y = 2 tanh(.)
+
+
+def test_untrained_residual_model_returns_the_warped_mesh():
+    """Y = W + D(.) with D's last layer at zero: the untrained model is the correspondence alone,
+    exactly, and its decoder still receives gradients through that last layer."""
+    model = MAPConNet(ModelConfig(**TINY, backend="chunked"))
+    identity, pose = torch.randn(2, 40, 3), torch.randn(2, 31, 3)
+    out = model(identity, pose)
+    assert torch.equal(out.output, out.warped)
+    out.output.square().sum().backward()
+    assert model.decoder.out.weight.grad.abs().sum() > 0
+    assert model.theta.weight.grad.abs().sum() > 0  # the correspondence learns through W
+
+
+def test_decoder_reads_the_identity_coordinates():
+    """With decoder_sees_identity the decoder's input is [W, identity xyz]: its output moves when the
+    identity coordinates it is given move, with W and the code held fixed."""
+    torch.manual_seed(0)
+    decoder = _trained_looking(MAPConNet(ModelConfig(**TINY))).decoder.eval()
+    assert decoder.lift.in_features == 6
+    warped, code, identity = torch.randn(1, 30, 3), torch.randn(1, 30, 8), torch.randn(1, 30, 3)
+    with torch.no_grad():
+        assert not torch.allclose(decoder(warped, code, identity), decoder(warped, code, identity + 0.1))
+    alone = MAPConNet(ModelConfig(**TINY, decoder_sees_identity=False)).decoder
+    assert alone.lift.in_features == 3
 
 
 def test_full_size_model_parameter_shapes():
     model = MAPConNet()
     assert model.encoder.fc3.out_features == 256 and len(model.encoder.blocks) == 4
-    assert [b.fc_s.in_features for b in model.decoder.blocks] == [1024, 512, 256]
-    assert model.decoder.lift.out_features == 1024
+    assert [b.fc_s.in_features for b in model.decoder.blocks] == [256, 128, 64]
+    assert model.decoder.lift.in_features == 6 and model.decoder.lift.out_features == 256
+    published = MAPConNet(ModelConfig(decoder_widths=(1024, 512, 256), decoder_output="absolute",
+                                      decoder_sees_identity=False))
+    assert [b.fc_s.in_features for b in published.decoder.blocks] == [1024, 512, 256]
+    assert published.decoder.lift.in_features == 3
 
 
 def test_equivariant_to_vertex_order():
     torch.manual_seed(0)
-    model = MAPConNet(ModelConfig(**TINY, backend="torch")).eval()
+    model = _trained_looking(MAPConNet(ModelConfig(**TINY, backend="torch"))).eval()
     identity, pose = torch.randn(1, 40, 3, dtype=torch.float64), torch.randn(1, 33, 3, dtype=torch.float64)
     model = model.double()
     perm_i, perm_p = torch.randperm(40), torch.randperm(33)
@@ -43,12 +80,13 @@ def test_equivariant_to_vertex_order():
 @pytest.mark.parametrize("backend", ["chunked", "keops", "triton"])
 def test_backends_agree_with_dense(backend):
     torch.manual_seed(0)
-    model = MAPConNet(ModelConfig(**TINY, backend="torch")).eval()
+    model = _trained_looking(MAPConNet(ModelConfig(**TINY, backend="torch"))).eval()
     identity, pose = torch.randn(2, 30, 3), torch.randn(2, 26, 3)
     with torch.no_grad():
         dense = model(identity, pose)
         model.cfg.backend = backend
         other = model(identity, pose)
+    assert not torch.equal(dense.output, dense.warped)
     torch.testing.assert_close(other.warped, dense.warped, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(other.output, dense.output, rtol=1e-4, atol=1e-5)
 
@@ -65,6 +103,9 @@ def test_initialisation():
     assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, torch.nn.Linear))
     w = model.decoder.lift.weight
     assert 0 < w.std() < 0.02  # Xavier-normal, gain 0.02
+    assert torch.all(model.decoder.out.weight == 0)  # residual: the untrained decoder adds nothing
+    published = MAPConNet(ModelConfig(**TINY, decoder_output="absolute"))
+    assert 0 < published.decoder.out.weight.std() < 0.02
 
 
 def test_config_and_input_errors():
@@ -72,6 +113,8 @@ def test_config_and_input_errors():
         ModelConfig(feature_dim=15)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         ModelConfig(backend="cuda")
+    with pytest.raises(ValueError, match=r"decoder_output must be one of \('residual', 'absolute'\), got 'tanh'"):
+        ModelConfig(decoder_output="tanh")
     model = MAPConNet(ModelConfig(**TINY))
     with pytest.raises(ValueError, match=r"must be \(B, N, 3\) meshes"):
         model(torch.randn(2, 10, 2), torch.randn(2, 10, 3))
@@ -87,7 +130,7 @@ def test_decoder_checkpointing_gives_the_same_gradients():
     grads = []
     for flag in (False, True):
         torch.manual_seed(1)
-        model = MAPConNet(ModelConfig(**TINY, backend="chunked", checkpoint_decoder=flag)).eval()
+        model = _trained_looking(MAPConNet(ModelConfig(**TINY, backend="chunked", checkpoint_decoder=flag))).eval()
         model(identity, pose).output.square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1])

@@ -6,17 +6,19 @@ import pytest
 import torch
 import trimesh
 
-import train
+from mapconnet import training as train
 from mapconnet import checkpoint as ckpt
 from mapconnet.cli import build_parser, parse_dataclass, split
 from mapconnet.data import open_dataset
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
+from mapconnet.objective import TERMS, supervised_losses, weighted_total
 
 TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8))
 
 
 def _run(tiny_dataset, out, backend="chunked", **kw):
+    kw.setdefault("compile", False)  # compilation costs a minute; test_compiled_step_matches_eager covers it
     cfg = train.TrainConfig(data=str(tiny_dataset), out=str(out), val_every=100, val_pairs=1,
                             checkpoint_every=100, **kw)
     return train.main(cfg, ModelConfig(**TINY, backend=backend))
@@ -35,7 +37,7 @@ def test_one_step_per_mode(tiny_dataset, tmp_path, mode):
     else:
         assert kinds[0] == "labelled" and "unlabelled" in kinds and kinds.count("labelled") == 3
     for row in result["history"]:
-        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("total", "rec", "edge", "mesh", "point"))
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("total", *TERMS))
     for name in ("checkpoint.pt", "losses.csv", "val.csv", "losses.png"):
         assert (tmp_path / name).exists()
     with open(tmp_path / "val.csv") as f:
@@ -111,10 +113,10 @@ def _curve(backend, steps=20):
     difference between backends is rounding (fp32 would let hard-matching flips amplify it)."""
     torch.manual_seed(0)
     model = MAPConNet(ModelConfig(**TINY, backend=backend)).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.9), eps=1e-3)
+    optimizer = train.make_optimizer(model, lr=1e-4)
     loss_cfg, curve = LossConfig(), []
     for batch in _sphere_batches(steps):
-        total = train.weighted_total(train.supervised_losses(model, batch, loss_cfg, backend), loss_cfg)
+        total = weighted_total(supervised_losses(model, batch, loss_cfg), loss_cfg)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()

@@ -167,18 +167,22 @@ def sample_phenotype(rng: np.random.Generator) -> np.ndarray:
                      rng.uniform(*HEIGHT), rng.uniform(*PROPORTIONS)], dtype=np.float32)
 
 
-def sample_identities(model, count: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """`count` phenotypes whose rest-mesh BMI lies in BMI_RANGE; returns them and the rejections."""
+def bmi_in_range(model, phenotypes: np.ndarray) -> np.ndarray:
+    """(K,) bool: whether each phenotype (K, 6)'s rest mesh has a BMI inside BMI_RANGE (one anny call)."""
     import anny
 
-    anthropometry = anny.Anthropometry(model)
+    with torch.no_grad():
+        rest = model(phenotype_kwargs=torch.from_numpy(np.asarray(phenotypes, dtype=np.float32)))["rest_vertices"]
+        bmi = anny.Anthropometry(model).bmi(rest).reshape(-1).numpy()
+    return (BMI_RANGE[0] <= bmi) & (bmi <= BMI_RANGE[1])
+
+
+def sample_identities(model, count: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """`count` phenotypes whose rest-mesh BMI lies in BMI_RANGE; returns them and the rejections."""
     kept, rejected = [], 0
     while len(kept) < count:
         phenotype = sample_phenotype(rng)
-        with torch.no_grad():
-            rest = model(phenotype_kwargs=torch.from_numpy(phenotype)[None])["rest_vertices"]
-            bmi = float(anthropometry.bmi(rest))
-        if BMI_RANGE[0] <= bmi <= BMI_RANGE[1]:
+        if bmi_in_range(model, phenotype[None])[0]:
             kept.append(phenotype)
         else:
             rejected += 1

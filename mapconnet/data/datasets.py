@@ -66,9 +66,7 @@ class MeshDataset:
         I, P = self.shape
         if not (0 <= identity < I and 0 <= pose < P):
             raise IndexError(f"mesh ({identity}, {pose}) is outside the {I} x {P} grid of {self.path}")
-        v = np.array(self.vertices[identity, pose], dtype=np.float32)
-        v -= (v.max(0) + v.min(0)) / 2
-        return v
+        return bbox_centred(self.vertices[identity, pose])
 
     def validate(self) -> MeshDataset:
         """Check shapes, index ranges and test lists; raise ValueError naming `path`. Returns self."""
@@ -199,18 +197,39 @@ class _Samples(torch.utils.data.Dataset):
 
     def _item(self, rng, a, p, b, q, extra_pose_meshes=(), target=True) -> dict:
         """Identity (a, p) and target (a, q) share a permutation; the pose (b, q) and extras another."""
-        ds, V = self.dataset, self.dataset.num_vertices
-        perm_i, faces_i = _shuffle(ds.faces, rng, V)
-        perm_p, faces_p = _shuffle(ds.faces, rng, V)
-        item = {"identity": torch.from_numpy(ds.mesh(a, p)[perm_i]), "pose": torch.from_numpy(ds.mesh(b, q)[perm_p]),
-                "identity_faces": torch.from_numpy(faces_i), "pose_faces": torch.from_numpy(faces_p),
-                "identity_perm": torch.from_numpy(perm_i), "pose_perm": torch.from_numpy(perm_p),
-                "identity_index": a, "identity_pose": p, "pose_identity": b, "pose_index": q}
-        if target:
-            item["target"] = torch.from_numpy(ds.mesh(a, q)[perm_i])
-        for key, (i, r) in extra_pose_meshes:
-            item[key] = torch.from_numpy(ds.mesh(i, r)[perm_p])
+        ds = self.dataset
+        item = shuffled_item(rng, ds.faces, ds.mesh(a, p), ds.mesh(b, q), ds.mesh(a, q) if target else None,
+                             {key: ds.mesh(i, r) for key, (i, r) in extra_pose_meshes})
+        item.update(identity_index=a, identity_pose=p, pose_identity=b, pose_index=q)
         return item
+
+
+def bbox_centred(vertices: np.ndarray) -> np.ndarray:
+    """(..., V, 3) meshes moved so that each bounding-box centre is at the origin (float32 copy)."""
+    v = np.array(vertices, dtype=np.float32)
+    v -= (v.max(-2, keepdims=True) + v.min(-2, keepdims=True)) / 2
+    return v
+
+
+def shuffled_item(rng: np.random.Generator, faces: np.ndarray, identity: np.ndarray, pose: np.ndarray,
+                  target: np.ndarray | None = None, extra_pose_meshes: dict | None = None) -> dict:
+    """One training sample from centred (V, 3) meshes on the shared `faces` (F, 3).
+
+    The identity mesh and its target share one random permutation, the pose mesh and every extra
+    pose mesh (e.g. "pose2") another; faces are re-indexed for each. Returns the tensors of the item
+    layout documented below (_ITEM_DOC), without the grid indices.
+    """
+    V = identity.shape[0]
+    perm_i, faces_i = _shuffle(faces, rng, V)
+    perm_p, faces_p = _shuffle(faces, rng, pose.shape[0])
+    item = {"identity": torch.from_numpy(identity[perm_i]), "pose": torch.from_numpy(pose[perm_p]),
+            "identity_faces": torch.from_numpy(faces_i), "pose_faces": torch.from_numpy(faces_p),
+            "identity_perm": torch.from_numpy(perm_i), "pose_perm": torch.from_numpy(perm_p)}
+    if target is not None:
+        item["target"] = torch.from_numpy(target[perm_i])
+    for key, mesh in (extra_pose_meshes or {}).items():
+        item[key] = torch.from_numpy(mesh[perm_p])
+    return item
 
 
 _ITEM_DOC = """

@@ -1,0 +1,393 @@
+"""Train MAPConNet: supervised, unsupervised or semi-supervised (docs/DESIGN.md, "Training").
+
+    python train.py                                     # demo: data/demo (built if missing), minutes on CPU
+    python train.py --data stream --val-data DIR        # fresh anny bodies every step, no dataset on disk
+    python train.py --data DIR --out DIR --epochs 200   # a dataset folder, supervised
+    python train.py --percentage 0 --use-unlabelled     # unsupervised (cross- and self-consistency)
+    python train.py --percentage 50 --use-unlabelled    # semi-supervised
+    python -m mapconnet.training ...                    # the same, from an installed package
+
+Samples: identity mesh I = (a, p), pose mesh P = (b, q), ground truth (a, q); unlabelled samples
+add P2 = (b, r). The terms of each kind of step are in `mapconnet.objective`. Semi-supervised
+training cycles six steps: labelled, cross (labelled identities x unlabelled poses), labelled,
+cross (unlabelled identities x labelled poses), labelled, unlabelled; the cross and unlabelled
+steps are unlabelled steps. With `--data stream` every sample shows new people in new poses
+(`mapconnet.data.stream`), so the unlabelled kinds simply draw unlabelled triplets.
+
+Writes OUT/checkpoint.pt (every --checkpoint-every steps and at the end), OUT/losses.csv (every
+loss term of every step), OUT/val.csv (validation PMD of the model and of the warped mesh), and
+OUT/losses.png. --resume continues from OUT/checkpoint.pt exactly: sample i of step s depends
+only on (seed, s, i).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import kernels
+from mapconnet import checkpoint as ckpt
+from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
+from mapconnet.data.stream import BodyStream
+from mapconnet.evaluation import candidates, centred
+from mapconnet.losses import LossConfig
+from mapconnet.model import MAPConNet, ModelConfig
+from mapconnet.objective import TERMS, step_losses, weighted_total
+
+STREAM = "stream"  # --data value for fresh anny bodies
+DEMO_DATA = "data/demo"
+DEMO_DATA_ARGS = ["--identities", "8", "--poses", "32", "--test-identities", "4", "--test-poses", "8",
+                  "--seed", "0", "--resolution", "lite", "--test-pairs", "64", "--preview"]
+
+
+@dataclass
+class TrainConfig:
+    data: str = DEMO_DATA  # dataset folder, or "stream"; the demo set is built if this default is missing
+    val_data: str = ""  # dataset whose test lists validate (default: --data; needed with --data stream)
+    stream_resolution: str = "lite"  # mesh resolution of --data stream
+    out: str = "runs/demo"
+    batch_size: int = 2
+    epochs: int = 1
+    # Sampled pairs per epoch: 4,000 for humans in the published setting; the default keeps
+    # `python train.py` (48 steps) to a few minutes on a 2-core CPU.
+    pairs_per_epoch: int = 96
+    max_steps: int = 0  # stop after this many optimizer steps (0: epochs * pairs_per_epoch / batch_size)
+    percentage: float = 100.0  # % of training identities (and, independently, poses) that are labelled
+    use_unlabelled: bool = False  # also train on unlabelled samples (needed when percentage < 100)
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0  # DataLoader worker processes
+    bf16: bool = False  # bf16 autocast on CUDA (kernels accumulate in fp32)
+    # torch.compile the encoder and the decoder for training steps: about 2x faster on 2 CPU cores
+    # (their many small per-vertex ops fuse); the first step compiles (~1-2 min cold, seconds once
+    # inductor's cache in the temp folder is warm). Validation runs eager.
+    compile: bool = True
+    checkpoint_every: int = 100
+    val_every: int = 8
+    val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD
+    resume: bool = False
+    # leave after this many steps of this run (checkpointed; the schedule is the full run's),
+    # e.g. to fit a job time limit
+    stop_after: int = 0
+
+
+class CountFrom(torch.utils.data.Sampler):
+    """Global sample indices start, start + 1, ... forever (Epochs folds them into epochs)."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class Epochs(torch.utils.data.Dataset):
+    """Global sample index g -> item g % len(samples) of epoch g // len(samples).
+
+    The epoch is set per item, so DataLoader workers (each with its own copy) and a resumed run
+    draw exactly what an uninterrupted single-process run draws.
+    """
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __getitem__(self, g: int) -> dict:
+        epoch, index = divmod(int(g), len(self.samples))
+        self.samples.set_epoch(epoch)
+        return self.samples[index]
+
+
+def step_kinds(cfg: TrainConfig) -> list[str]:
+    """The repeating cycle of step kinds."""
+    if not cfg.use_unlabelled:
+        return ["labelled"]
+    if cfg.percentage == 0:
+        return ["unlabelled"]
+    return ["labelled", "cross_a", "labelled", "cross_b", "labelled", "unlabelled"]
+
+
+def sample_sets(cfg: TrainConfig, dataset) -> dict:
+    """The samples each step kind draws from, indexable by a global sample index."""
+    kinds = step_kinds(cfg)
+    if dataset is None:  # the stream: every kind its own seed, unlabelled kinds unlabelled triplets
+        return {k: BodyStream("labelled" if k == "labelled" else "unlabelled", cfg.stream_resolution,
+                              cfg.seed + i) for i, k in enumerate(dict.fromkeys(kinds))}
+    ids, poses, length = dataset.train_identities, dataset.train_poses, cfg.pairs_per_epoch
+    if kinds == ["labelled"]:
+        return {"labelled": Epochs(SupervisedPairs(dataset, ids, poses, length, cfg.seed))}
+    if kinds == ["unlabelled"]:
+        return {"unlabelled": Epochs(UnlabelledTriplets(dataset, ids, poses, length, cfg.seed))}
+    s = semi_supervised_split(dataset, cfg.percentage, cfg.seed)
+    sets = {"labelled": SupervisedPairs(dataset, s["labelled_identities"], s["labelled_poses"], length, cfg.seed)}
+    for kind, (i, p) in {"cross_a": ("labelled_identities", "unlabelled_poses"),
+                         "cross_b": ("unlabelled_identities", "labelled_poses"),
+                         "unlabelled": ("unlabelled_identities", "unlabelled_poses")}.items():
+        if s[i] and len(s[p]) >= 2:
+            sets[kind] = UnlabelledTriplets(dataset, s[i], s[p], length, cfg.seed + 1 + len(sets))
+    if "unlabelled" not in sets:  # too few unlabelled poses: fall back to all training data
+        sets["unlabelled"] = UnlabelledTriplets(dataset, ids, poses, length, cfg.seed + 9)
+    return {k: Epochs(v) for k, v in sets.items()}
+
+
+def active_kinds(cfg: TrainConfig, sets: dict) -> list[str]:
+    """The cycle without the kinds that have no samples (a cross set is empty when all is labelled)."""
+    return [k for k in step_kinds(cfg) if k in sets]
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.percentage <= 100:
+        raise ValueError(f"--percentage must be in [0, 100], got {cfg.percentage}")
+    if cfg.percentage < 100 and not cfg.use_unlabelled:
+        raise ValueError(f"--percentage {cfg.percentage:g} leaves data unlabelled but --use-unlabelled is off; "
+                         "pass --use-unlabelled (or --percentage 100 for supervised training)")
+    for name in ("batch_size", "pairs_per_epoch", "checkpoint_every", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.epochs < 1 and cfg.max_steps < 1:
+        raise ValueError("need --epochs >= 1 or --max-steps >= 1")
+    if cfg.bf16 and not cfg.device.startswith("cuda"):
+        raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")
+    if cfg.data == STREAM and not cfg.val_data:
+        raise ValueError("--data stream needs --val-data DIR, a dataset folder whose test lists validate the run "
+                         "(e.g. one written by `python -m mapconnet.data.generate --preset published "
+                         "--resolution lite`)")
+
+
+def make_optimizer(model, lr: float) -> torch.optim.Adam:
+    """The one optimiser of training and the benchmarks: Adam, beta1 = 0, beta2 = 0.9, eps = 1e-3."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=1e-3)
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    """Constant for the first half, then linear decay to 0 at `total`."""
+    half = total // 2
+    return base if step < half else base * max(0.0, (total - step) / max(total - half, 1))
+
+
+@torch.no_grad()
+def validation_pmd(model, pairs, device) -> dict[str, float]:
+    """Mean raw PMD (not x 1e-4) of the model's output and of every reference row (`candidates`)
+    over held-out test items, all bounding-box centred. Returns {"model", "warped", "identity",
+    "perfect_warp"} -> float."""
+    was_training = model.training
+    model.eval()
+    sums = {}
+    with torch.compiler.set_stance("force_eager"):  # no recompilation for eval mode and batch 1
+        for item in pairs:
+            batch = {k: v[None].to(device) if torch.is_tensor(v) else v for k, v in item.items()}
+            target = centred(batch["target"])
+            for row, mesh in candidates(model, batch).items():
+                sums[row] = sums.get(row, 0.0) + float(kernels.pmd(centred(mesh), target))
+    model.train(was_training)
+    return {row: value / len(pairs) for row, value in sums.items()}
+
+
+def plot_curves(out: Path) -> None:
+    """OUT/losses.png: the training losses and the validation PMD (model and warped mesh per list)."""
+    import matplotlib.pyplot as plt
+
+    from mapconnet.render import save_figure
+
+    with open(out / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [int(r["step"]) for r in rows]
+    for key in ("total", *TERMS):
+        axes[0].plot(steps, [float(r[key]) for r in rows], label=key, lw=1)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training losses (weighted total, raw terms)")
+    axes[0].legend(fontsize=8)
+    val = read_validation_rows(out)
+    for column, label, style in (("pmd", "unseen", "o-"), ("pmd_seen", "seen", "s-"),
+                                 ("warped_pmd", "unseen, warped mesh", "o:"), ("warped_pmd_seen", "seen, warped mesh", "s:")):
+        if val and column in val[0]:
+            axes[1].plot([int(r["step"]) for r in val], [float(r[column]) * 1e4 for r in val], style, ms=3, label=label)
+    axes[1].legend(fontsize=8)
+    axes[1].set_yscale("log")  # the untrained model's step-0 value is far above the trained ones
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("PMD (x 1e-4)")
+    axes[1].set_title("validation PMD (held-out test pairs)")
+    save_figure(fig, out / "losses.png")
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_csv(path: Path, keep_below: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) < keep_below]
+    path.unlink()
+    for r in rows:
+        _append_csv(path, r)
+
+
+def _open_data(cfg: TrainConfig):
+    """(training dataset or None for the stream, validation dataset)."""
+    if cfg.data == DEMO_DATA and not Path(cfg.data).exists():
+        from mapconnet.data.generate import main as generate
+
+        print(f"building the demo dataset in {cfg.data}")
+        generate(["--out", cfg.data, *DEMO_DATA_ARGS])
+    opened = {}
+    for flag, folder in (("--data", cfg.data), ("--val-data", cfg.val_data or cfg.data)):
+        if folder == STREAM:
+            continue
+        if not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder} does not exist or is not a folder; expected a dataset folder written "
+                             f"by `python -m mapconnet.data.generate --out {folder} ...`, or --data stream")
+        opened[folder] = opened.get(folder) or open_dataset(folder)
+    return opened.get(cfg.data), opened[cfg.val_data or cfg.data]
+
+
+def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossConfig | None = None) -> dict:
+    """Train as described in the module docstring. Returns {"step", "history" (one dict per step of
+    this run), "out" (Path)}."""
+    model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
+    check_config(cfg)
+    dataset, val_dataset = _open_data(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = MAPConNet(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg.lr)
+    step = 0
+    if cfg.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise ValueError(f"--resume needs {out / 'checkpoint.pt'}, which does not exist; expected the --out "
+                             "folder of an earlier run (or leave out --resume to start afresh)")
+        payload = ckpt.load(out / "checkpoint.pt")
+        ckpt.check_compatible(payload, model_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        step = payload["step"]
+        ckpt.set_rng_state(payload["rng"])
+        _truncate_csv(out / "losses.csv", step)  # row s is the update from step s to s + 1
+        _truncate_csv(out / "val.csv", step + 1)  # row s was validated before checkpoint s was written
+    else:
+        for name in ("losses.csv", "val.csv"):
+            (out / name).unlink(missing_ok=True)
+
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * cfg.pairs_per_epoch / cfg.batch_size)
+    sets = sample_sets(cfg, dataset)
+    kinds = active_kinds(cfg, sets)
+    # Each kind's stream starts where `step` steps of the cycle left it, so a resumed run draws the
+    # same samples as an uninterrupted one.
+    drawn = lambda k, steps: sum(1 for s in range(steps) if kinds[s % len(kinds)] == k) * cfg.batch_size  # noqa: E731
+    streams = {k: iter(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=CountFrom(drawn(k, step)),
+                                                    num_workers=cfg.workers))
+               for k, ds in sets.items() if k in kinds}
+    val_sets = {name: TestPairs(val_dataset, name) for name in ("unseen", "seen") if val_dataset.test_lists.get(name)}
+    val_pairs = {name: [ds[i] for i in range(min(cfg.val_pairs, len(ds)))] for name, ds in val_sets.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+    def save_checkpoint():
+        ckpt.save(out / "checkpoint.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
+            "loss_config": asdict(loss_cfg), "train_config": asdict(cfg), "step": step,
+            "epoch": step * cfg.batch_size / cfg.pairs_per_epoch, "sampler": {k: drawn(k, step) for k in streams},
+            "seconds": seconds_before + time.perf_counter() - start,
+            "rng": ckpt.rng_state()})
+
+    def validate():
+        pmd = {name: validation_pmd(model, pairs, device) for name, pairs in val_pairs.items()}
+        row = {"step": step, "seconds": round(seconds_before + time.perf_counter() - start, 1)}
+        for name, suffix in (("unseen", ""), ("seen", "_seen")):
+            for r in ("model", "warped", "perfect_warp"):
+                row[("pmd" if r == "model" else f"{r}_pmd") + suffix] = pmd.get(name, {}).get(r, float("nan"))
+        _append_csv(out / "val.csv", row)
+        bar.write(f"step {step}: validation PMD x 1e-4 (model / warped / perfect warp): " + ", ".join(
+            f"{k} {v['model'] * 1e4:.2f} / {v['warped'] * 1e4:.2f} / {v['perfect_warp'] * 1e4:.2f}"
+            for k, v in pmd.items()))
+
+    model.train()
+    if cfg.compile:  # in place: parameter names (and so checkpoints) stay those of the plain model
+        model.encoder.compile()
+        model.decoder.compile()
+    seconds_before = payload.get("seconds", 0.0) if cfg.resume else 0.0
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    if step == 0:
+        validate()  # the untrained model: the curve's starting point
+    history = []
+    last = min(total, step + cfg.stop_after) if cfg.stop_after > 0 else total
+    while step < last:
+        kind = kinds[step % len(kinds)]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(streams[kind]).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg.lr)
+        with autocast:
+            losses = step_losses(model, batch, kind, loss_cfg)
+            total_loss = weighted_total(losses, loss_cfg)
+        if not torch.isfinite(total_loss):
+            raise FloatingPointError(f"loss became {total_loss.item()} at step {step} ({kind} step)")
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        optimizer.step()
+        row = {"step": step, "kind": kind, "lr": optimizer.param_groups[0]["lr"], "total": total_loss.item(),
+               **{k: v.item() for k, v in losses.items()}}
+        _append_csv(out / "losses.csv", row)
+        history.append(row)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(total=f"{row['total']:.3f}", rec=f"{row['reconstruction']:.5f}", kind=kind)
+        if step % cfg.val_every == 0 or step == total:
+            validate()
+        if step % cfg.checkpoint_every == 0 or step == last:
+            save_checkpoint()
+    bar.close()
+    plot_curves(out)
+    print(f"trained {step} steps in {time.perf_counter() - start:.0f} s; checkpoint {out / 'checkpoint.pt'}, "
+          f"losses {out / 'losses.csv'}, curve {out / 'losses.png'}")
+    return {"step": step, "history": history, "out": out}
+
+
+def read_validation_rows(out) -> list[dict]:
+    """The rows of OUT/val.csv as dicts of strings ([] when there is none)."""
+    path = Path(out) / "val.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def read_validation(out) -> list[tuple[int, float]]:
+    """(step, raw model PMD on the "unseen" pairs) rows of OUT/val.csv."""
+    return [(int(r["step"]), float(r["pmd"])) for r in read_validation_rows(out)]
+
+
+def cli(argv=None) -> dict:
+    """Parse the command line (options generated from the config dataclasses) and train."""
+    from mapconnet.cli import build_parser, split
+
+    parser = build_parser(TrainConfig, ModelConfig, LossConfig, description=__doc__)
+    return main(*split(parser.parse_args(argv), TrainConfig, ModelConfig, LossConfig))
+
+
+if __name__ == "__main__":
+    cli()
