@@ -326,6 +326,16 @@ def render(rows, plot_names, plot_rel):
     if any(e.get("smoke") for e in rows):
         lines += ["> WARNING: some rows come from a BENCH_SMOKE=1 debug run (sizes divided by 64).", ""]
 
+    steps = [e for e in rows if e.get("op") == "default_step" and ok(e)]
+    if steps:
+        lines += ["## The default training step", "",
+                  "`bench/bench_default_step.py`: what `python train.py` runs per step (stream bodies at `lite`, "
+                  "1,723 vertices, batch 2, default configs, compiled encoder and decoder). Target: 1.5 s on 2 "
+                  "CPU cores.", "",
+                  md_table(("run", "device", "best of rounds", "median of rounds", "first step (compiles)"),
+                           [(f"`{e['run']}`", e.get("device", "?"), fmt_s(e["median_s"]),
+                             fmt_s(e["median_of_rounds_s"]), fmt_s(e.get("first_step_s"))) for e in steps]), ""]
+
     # Headline numbers
     lines += ["## Numbers for the kernels issue (issue 2) closing note", ""]
     lines += ["### softmax_attend forward + backward, N = M = 8192, C = 256, B = 1", ""]

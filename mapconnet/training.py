@@ -76,6 +76,9 @@ class TrainConfig:
     val_every: int = 8
     val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD
     resume: bool = False
+    # start from the weights of this checkpoint ("pretrained" names the shipped model) with a fresh
+    # optimiser and schedule: a fine-tune; the model config must describe the same architecture
+    init: str = ""
     # leave after this many steps of this run (checkpointed; the schedule is the full run's),
     # e.g. to fit a job time limit
     stop_after: int = 0
@@ -243,13 +246,18 @@ def _truncate_csv(path: Path, keep_below: int) -> None:
         _append_csv(path, r)
 
 
-def _open_data(cfg: TrainConfig):
-    """(training dataset or None for the stream, validation dataset)."""
-    if cfg.data == DEMO_DATA and not Path(cfg.data).exists():
+def prepare_demo_data(cfg: TrainConfig) -> None:
+    """Build the demo dataset when a run uses the default --data (or --val-data) and it is missing."""
+    if DEMO_DATA in (cfg.data, cfg.val_data) and not Path(DEMO_DATA).exists():
         from mapconnet.data.generate import main as generate
 
-        print(f"building the demo dataset in {cfg.data}")
-        generate(["--out", cfg.data, *DEMO_DATA_ARGS])
+        print(f"building the demo dataset in {DEMO_DATA}")
+        generate(["--out", DEMO_DATA, *DEMO_DATA_ARGS])
+
+
+def _open_data(cfg: TrainConfig):
+    """(training dataset or None for the stream, validation dataset)."""
+    prepare_demo_data(cfg)
     opened = {}
     for flag, folder in (("--data", cfg.data), ("--val-data", cfg.val_data or cfg.data)):
         if folder == STREAM:
@@ -290,6 +298,10 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
         _truncate_csv(out / "losses.csv", step)  # row s is the update from step s to s + 1
         _truncate_csv(out / "val.csv", step + 1)  # row s was validated before checkpoint s was written
     else:
+        if cfg.init:
+            payload = ckpt.load(ckpt.resolve(cfg.init))
+            ckpt.check_compatible(payload, model_cfg, where=f"--init {cfg.init}")
+            model.load_state_dict(payload["model"])
         for name in ("losses.csv", "val.csv"):
             (out / name).unlink(missing_ok=True)
 

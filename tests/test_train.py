@@ -147,3 +147,16 @@ def test_errors(tiny_dataset, tmp_path):
         ModelConfig(backend="gpu")
     with pytest.raises(ValueError, match="--bf16 autocast is for CUDA"):
         _run(tiny_dataset, tmp_path, max_steps=1, bf16=True)
+
+
+def test_compiled_step_matches_eager(tiny_dataset, tmp_path):
+    """--compile (the default) fuses the encoder and decoder; the losses stay those of the eager model
+    up to float rounding (the second step's after an update too), and the checkpoint keeps the plain
+    parameter names. (Weights are not compared: Adam turns rounding-level gradients of opposite
+    sign into full-size steps of opposite sign.)"""
+    runs = {flag: _run(tiny_dataset, tmp_path / str(flag), max_steps=2, batch_size=1, compile=flag)
+            for flag in (False, True)}
+    for eager, compiled in zip(runs[False]["history"], runs[True]["history"]):
+        assert compiled["total"] == pytest.approx(eager["total"], rel=1e-4)
+    states = [ckpt.load(tmp_path / str(flag) / "checkpoint.pt")["model"] for flag in (False, True)]
+    assert list(states[0]) == list(states[1])
