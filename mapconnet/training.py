@@ -226,6 +226,35 @@ def plot_curves(out: Path) -> None:
     save_figure(fig, out / "losses.png")
 
 
+def plot_runs(runs: dict[str, str], path) -> Path:
+    """Unseen validation PMD against training wall-clock hours for several runs (label -> OUT
+    folder), with each run's warped-mesh curve dotted and the perfect warp as a reference line:
+    the figure of merit of a CPU training recipe. Writes and returns the PNG `path`."""
+    import matplotlib.pyplot as plt
+
+    from mapconnet.render import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    perfect = None
+    for label, out in runs.items():
+        rows = [r for r in read_validation_rows(out) if "seconds" in r]
+        if not rows:
+            continue
+        hours = [float(r["seconds"]) / 3600 for r in rows]
+        line, = ax.plot(hours, [float(r["pmd"]) * 1e4 for r in rows], "o-", ms=3, label=f"{label}: model")
+        ax.plot(hours, [float(r["warped_pmd"]) * 1e4 for r in rows], ":", color=line.get_color(),
+                label=f"{label}: warped mesh")
+        perfect = float(rows[0]["perfect_warp_pmd"]) * 1e4
+    if perfect is not None:
+        ax.axhline(perfect, color="k", lw=0.8, ls="--", label=f"perfect warp ({perfect:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall-clock (hours, 2 CPU cores)")
+    ax.set_ylabel("unseen validation PMD (x 1e-4)")
+    ax.set_title("validation PMD against training time")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:

@@ -160,3 +160,17 @@ def test_compiled_step_matches_eager(tiny_dataset, tmp_path):
         assert compiled["total"] == pytest.approx(eager["total"], rel=1e-4)
     states = [ckpt.load(tmp_path / str(flag) / "checkpoint.pt")["model"] for flag in (False, True)]
     assert list(states[0]) == list(states[1])
+
+
+def test_validation_rows_and_the_runs_picture(tiny_dataset, tmp_path):
+    """val.csv keeps the model's, the warped mesh's and the perfect warp's PMD with the wall-clock,
+    and plot_runs draws PMD against hours for several runs."""
+    _run(tiny_dataset, tmp_path / "a", max_steps=1)
+    rows = train.read_validation_rows(tmp_path / "a")
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    for row in rows:
+        assert float(row["seconds"]) >= 0
+        assert float(row["pmd"]) > 0 and float(row["warped_pmd"]) > 0 and float(row["perfect_warp_pmd"]) > 0
+    assert rows[0]["pmd"] == rows[0]["warped_pmd"]  # the untrained residual decoder adds nothing
+    png = train.plot_runs({"a": tmp_path / "a", "again": tmp_path / "a"}, tmp_path / "runs.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
