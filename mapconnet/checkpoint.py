@@ -118,8 +118,9 @@ def resolve(path) -> Path:
     if name in PRETRAINED:
         shipped = PRETRAINED_DIR / PRETRAINED[name]
         if not shipped.is_file():
+            available = sorted(k for k, f in PRETRAINED.items() if (PRETRAINED_DIR / f).is_file())
             raise FileNotFoundError(f"checkpoint {name!r}: {shipped} does not ship with this install of mapconnet; "
-                                    f"shipped: {sorted(k for k, f in PRETRAINED.items() if (PRETRAINED_DIR / f).is_file())}")
+                                    f"shipped: {available}")
         return shipped
     return Path(path)
 

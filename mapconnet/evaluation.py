@@ -143,8 +143,7 @@ def evaluate_list(model, dataset, name: str, cfg: EvalConfig, out: Path):
                     save_mesh(out / "outputs" / f"{name}_{pair}_{kind}.ply",
                               _original_order(mesh[b].cpu().numpy(), perm), dataset.faces)
             if len(rows) <= cfg.pictures:
-                _pair_picture(out / "pairs" / f"{name}_{pair}.png", batch, b, meshes["model"][b],
-                              row["pmd"], dataset.faces)
+                _pair_picture(out / "pairs" / f"{name}_{pair}.png", batch, b, meshes, row, dataset.faces)
     summary = {row: {m: sums[row][m] / max(len(rows), 1) for m in ("pmd", "cd")} for row in ROWS}
     result = {"pmd": summary["model"]["pmd"], "cd": summary["model"]["cd"], "pairs": len(rows),
               "pmd_x1e4": summary["model"]["pmd"] * REPORT_SCALE, "cd_x1e4": summary["model"]["cd"] * REPORT_SCALE,
@@ -154,22 +153,26 @@ def evaluate_list(model, dataset, name: str, cfg: EvalConfig, out: Path):
     return result, rows
 
 
-def _pair_picture(path, batch, b, output, pmd, faces):
-    """Pose mesh, identity mesh, output, ground truth and the output coloured by its error."""
+def _pair_picture(path, batch, b, meshes, row, faces):
+    """Pose mesh, identity mesh, warped mesh (the correspondence alone), output, ground truth and the
+    output coloured by its error. meshes: `candidates` of the batch; row: the pair's metrics."""
     perm_i, perm_p = batch["identity_perm"][b].numpy(), batch["pose_perm"][b].numpy()
     unshuffle = lambda mesh, perm: _original_order(centred(mesh[None].float().cpu())[0].numpy(), perm)  # noqa: E731
-    out_v = unshuffle(output, perm_i)
+    out_v = unshuffle(meshes["model"][b], perm_i)
     gt_v = unshuffle(batch["target"][b], perm_i)
     error = np.sqrt(((out_v - gt_v) ** 2).sum(-1))  # (V,) metres
-    meshes = [
+    panels = [
         {"vertices": unshuffle(batch["pose"][b], perm_p), "faces": faces, "title": "pose mesh"},
         {"vertices": unshuffle(batch["identity"][b], perm_i), "faces": faces, "title": "identity mesh"},
-        {"vertices": out_v, "faces": faces, "title": "output"},
+        {"vertices": unshuffle(meshes["warped"][b], perm_i), "faces": faces,
+         "title": f"warped mesh (PMD {row['warped_pmd'] * REPORT_SCALE:.1f})"},
+        {"vertices": out_v, "faces": faces, "title": f"output (PMD {row['pmd'] * REPORT_SCALE:.1f})"},
         {"vertices": gt_v, "faces": faces, "title": "ground truth"},
         {"vertices": out_v, "faces": faces, "title": "output error", "values": error * 100,
          "vmax": max(float(np.percentile(error * 100, 99)), 1e-3)},
     ]
-    render.mesh_panel(meshes, path, suptitle=f"PMD {pmd * REPORT_SCALE:.2f} x 1e-4", colorbar_label="error (cm)")
+    render.mesh_panel(panels, path, suptitle=f"PMD x 1e-4: output {row['pmd'] * REPORT_SCALE:.2f}, perfect warp "
+                      f"{row['perfect_warp_pmd'] * REPORT_SCALE:.2f}", colorbar_label="error (cm)")
 
 
 def markdown_table(results: dict) -> str:

@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-
 DECODER_OUTPUTS = ("residual", "absolute")
 
 

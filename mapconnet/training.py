@@ -214,8 +214,9 @@ def plot_curves(out: Path) -> None:
     axes[0].set_title("training losses (weighted total, raw terms)")
     axes[0].legend(fontsize=8)
     val = read_validation_rows(out)
-    for column, label, style in (("pmd", "unseen", "o-"), ("pmd_seen", "seen", "s-"),
-                                 ("warped_pmd", "unseen, warped mesh", "o:"), ("warped_pmd_seen", "seen, warped mesh", "s:")):
+    curves = (("pmd", "unseen", "o-"), ("pmd_seen", "seen", "s-"), ("warped_pmd", "unseen, warped mesh", "o:"),
+              ("warped_pmd_seen", "seen, warped mesh", "s:"))
+    for column, label, style in curves:
         if val and column in val[0]:
             axes[1].plot([int(r["step"]) for r in val], [float(r[column]) * 1e4 for r in val], style, ms=3, label=label)
     axes[1].legend(fontsize=8)

@@ -86,5 +86,6 @@ def test_training_from_the_stream_resumes_exactly(tiny_dataset, tmp_path, mode):
     train(TrainConfig(out=str(tmp_path / "b"), stop_after=steps // 2, **kw), ModelConfig(**TINY, backend="chunked"))
     rest = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw),
                  ModelConfig(**TINY, backend="chunked"))["history"]
-    assert [r["kind"] for r in straight] == (["labelled", "cross_a", "labelled", "cross_b"] if mode else ["labelled"] * 2)
+    expected = ["labelled", "cross_a", "labelled", "cross_b"] if mode else ["labelled"] * 2
+    assert [r["kind"] for r in straight] == expected
     assert [r["total"] for r in straight[steps // 2:]] == [r["total"] for r in rest]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import trimesh
 
-from mapconnet import training as train
 from mapconnet import checkpoint as ckpt
+from mapconnet import training as train
 from mapconnet.cli import build_parser, parse_dataclass, split
 from mapconnet.data import open_dataset
 from mapconnet.losses import LossConfig
