@@ -166,6 +166,25 @@ def check_config(cfg: TrainConfig) -> None:
                          "--resolution lite`)")
 
 
+# TrainConfig fields that define what a run learns from: --resume refuses to change them (the
+# others, such as --max-steps, --val-every or --workers, may change between the parts of a run).
+RUN_FIELDS = ("data", "val_data", "stream_resolution", "batch_size", "pairs_per_epoch", "percentage",
+              "use_unlabelled", "lr", "seed", "init")
+
+
+def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where: str) -> None:
+    """Raise ValueError if a resumed run would change its data, sampling, optimiser or loss weights."""
+    saved_train, saved_loss = payload.get("train_config", {}), payload.get("loss_config", {})
+    diff = {f"--{k.replace('_', '-')}": (saved_train.get(k), getattr(cfg, k)) for k in RUN_FIELDS
+            if k in saved_train and saved_train[k] != getattr(cfg, k)}
+    diff.update({f"--{k.replace('_', '-')}": (v, getattr(loss_cfg, k)) for k, v in saved_loss.items()
+                 if hasattr(loss_cfg, k) and v != getattr(loss_cfg, k)})
+    if diff:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, given {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{where} belongs to a run with other settings ({listed}); resume with the run's own "
+                         "settings, or train into a new --out")
+
+
 def make_optimizer(model, lr: float) -> torch.optim.Adam:
     """The one optimiser of training and the benchmarks: Adam, beta1 = 0, beta2 = 0.9, eps = 1e-3."""
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=1e-3)
@@ -321,6 +340,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
                              "folder of an earlier run (or leave out --resume to start afresh)")
         payload = ckpt.load(out / "checkpoint.pt")
         ckpt.check_compatible(payload, model_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
+        check_same_run(payload, cfg, loss_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         step = payload["step"]

@@ -143,6 +143,10 @@ def test_errors(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"another model config \(feature_dim: checkpoint 16, given 8\)"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "r"), max_steps=2, resume=True),
                    ModelConfig(**{**TINY, "feature_dim": 8}))
+    with pytest.raises(ValueError, match=r"belongs to a run with other settings \(--lr: checkpoint 0.0001, "
+                                         r"given 0.001; --tau: checkpoint 0.07, given 0.1\)"):
+        train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "r"), max_steps=2, resume=True,
+                                     lr=1e-3, compile=False), ModelConfig(**TINY), LossConfig(tau=0.1))
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         ModelConfig(backend="gpu")
     with pytest.raises(ValueError, match="--bf16 autocast is for CUDA"):
