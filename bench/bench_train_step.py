@@ -1,4 +1,4 @@
-"""End-to-end: one supervised training step of the full model (forward, every loss term,
+"""End-to-end: one supervised training step of the default model (forward, every loss term,
 backward, Adam step) at the `smpl`, `full` and `x4` resolutions (6,890, 13,348 and ~53k
 vertices), dense torch backend vs the streaming ones (chunked on CPU, triton on CUDA).
 

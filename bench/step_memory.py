@@ -5,7 +5,7 @@
 
 The step is training's own (`mapconnet.objective.supervised_losses` + `weighted_total`, backward,
 the optimiser of `mapconnet.training`), built by `random_training_step` (bench/bench_train_step.py times the same step),
-with the full default model on random meshes and random faces (memory and time do not depend on
+with the default model (eager) on random meshes and random faces (memory and time do not depend on
 the geometry). RLIMIT_AS caps the process at --limit-gib, so a step that would not fit in that
 much memory fails with an allocation error instead of swapping; the result is one line:
 `OK|OOM backend=... n=... peak_rss=... GiB`. CPU only (the cap and ru_maxrss are host memory).
@@ -31,7 +31,7 @@ def peak_rss_gib() -> float:
 
 def random_training_step(backend: str, n: int, batch: int, *, m: int | None = None, device="cpu",
                          checkpoint_decoder: bool = False):
-    """One supervised step of the full default model on random meshes (identity and target (batch, n, 3),
+    """One supervised step of the default model (eager) on random meshes (identity and target (batch, n, 3),
     pose (batch, m, 3), 2n random faces): returns (optimizer, step) where step() runs the forward, every
     loss term, the backward and the training optimiser's update. Memory and time do not depend on the geometry."""
     torch.manual_seed(0)
