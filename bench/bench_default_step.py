@@ -16,7 +16,7 @@ from mapconnet.data.stream import BodyStream
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
 from mapconnet.objective import supervised_losses, weighted_total
-from mapconnet.training import TrainConfig, make_optimizer
+from mapconnet.training import TrainConfig, compile_for_training, make_optimizer
 
 WARMUP, ROUNDS = 3, 8
 
@@ -27,8 +27,7 @@ def default_step():
     torch.manual_seed(0)
     model = MAPConNet(model_cfg).train()
     if cfg.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+        compile_for_training(model)
     optimizer = make_optimizer(model, cfg.lr)
     stream = BodyStream("labelled", cfg.stream_resolution, cfg.seed)
     counter = iter(range(0, 10**9, cfg.batch_size))

@@ -185,6 +185,13 @@ def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where:
                          "settings, or train into a new --out")
 
 
+def compile_for_training(model: MAPConNet) -> None:
+    """torch.compile the encoder and decoder in place (parameter names, and so checkpoints, stay
+    those of the plain model); the kernels' custom autograd Functions stay eager."""
+    model.encoder.compile()
+    model.decoder.compile()
+
+
 def make_optimizer(model, lr: float) -> torch.optim.Adam:
     """The one optimiser of training and the benchmarks: Adam, beta1 = 0, beta2 = 0.9, eps = 1e-3."""
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=1e-3)
@@ -388,9 +395,8 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
             for k, v in pmd.items()))
 
     model.train()
-    if cfg.compile:  # in place: parameter names (and so checkpoints) stay those of the plain model
-        model.encoder.compile()
-        model.decoder.compile()
+    if cfg.compile:
+        compile_for_training(model)
     seconds_before = payload.get("seconds", 0.0) if cfg.resume else 0.0
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
