@@ -5,8 +5,7 @@
 
 The work lives in `mapconnet.evaluation` (also `python -m mapconnet.evaluation`); see its docs.
 """
-from mapconnet.cli import parse_dataclass
-from mapconnet.evaluation import EvalConfig, main
+from mapconnet.evaluation import cli
 
 if __name__ == "__main__":
-    main(parse_dataclass(EvalConfig, description=__doc__))
+    cli()

@@ -28,7 +28,7 @@ def default_step():
     model = MAPConNet(model_cfg).train()
     if cfg.compile:
         compile_for_training(model)
-    optimizer = make_optimizer(model, cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.optimizer)
     stream = BodyStream("labelled", cfg.stream_resolution, cfg.seed)
     counter = iter(range(0, 10**9, cfg.batch_size))
 

@@ -11,13 +11,13 @@ Only tensors, numbers, strings, lists, tuples and dicts are stored, and files ar
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mapconnet.files import replacing
 from mapconnet.model import MAPConNet, ModelConfig
 
 # v2: residual decoder options in the model config, loss terms keyed by LossConfig names, RNG
@@ -33,10 +33,8 @@ def save(path, payload: dict) -> Path:
     """torch.save to a temporary name in the same folder, then rename: a crash never leaves a half
     checkpoint, and readers see either the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
     return path
 
 

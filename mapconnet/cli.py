@@ -2,12 +2,38 @@
 
 Field names become `--kebab-case` options; bools become flags (`--name` sets True, `--no-name`
 False); tuples take several values. Parsing has no side effects.
+
+`run_command` is how every command line of the package runs: a user error prints one line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+from collections.abc import Callable
+
+# What a user's input (options, files, folders) raises at the public boundary. Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               MemoryError)
+
+
+def run_command(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
+    """Run `main(argv)` (default: sys.argv[1:]) as a command. A user error (USER_ERRORS) prints
+    `error: <message>` on one line to stderr and exits with status 2, like argparse's own errors;
+    `--debug` anywhere in argv shows the full traceback instead. Exits 0 on success."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {e} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
 
 
 def build_parser(*classes, description: str | None = None) -> argparse.ArgumentParser:

@@ -49,7 +49,7 @@ def main() -> None:
 
     kernels_example()
     shipped = (checkpoint.PRETRAINED_DIR / checkpoint.PRETRAINED["pretrained"]).is_file()
-    cfg = training.TrainConfig(init="pretrained" if shipped else "")
+    cfg = training.TrainConfig(init="pretrained" if shipped else "", overwrite=True)
     training.prepare_demo_data(cfg)
     if shipped:
         print("[pretrained] re-posing the demo set's held-out bodies with the shipped model")

@@ -23,7 +23,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,8 +33,9 @@ from tqdm import tqdm
 import kernels
 from mapconnet import render
 from mapconnet.checkpoint import load_model, resolve
-from mapconnet.cli import parse_dataclass
+from mapconnet.cli import parse_dataclass, run_command
 from mapconnet.data import TestPairs, open_dataset
+from mapconnet.files import write_text
 from mapconnet.meshio import save_mesh
 
 REPORT_SCALE = 1e4  # the field's convention: PMD and CD are reported x 1e-4
@@ -97,12 +97,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _original_order(shuffled: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -206,19 +200,24 @@ def main(cfg: EvalConfig) -> dict:
 
     metrics = {**results, "config": asdict(cfg), "checkpoint_sha256": _sha256(checkpoint),
                "manifest_sha256": _sha256(Path(cfg.data) / "manifest.json")}
-    _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(all_rows[0]))
     writer.writeheader()
     writer.writerows(all_rows)
-    _write_text(out / "pairs.csv", buffer.getvalue())
+    write_text(out / "pairs.csv", buffer.getvalue())
     table = markdown_table(results)
-    _write_text(out / "results.md", f"# Evaluation of {checkpoint}\n\nData: {cfg.data}\n\n{table}")
+    write_text(out / "results.md", f"# Evaluation of {checkpoint}\n\nData: {cfg.data}\n\n{table}")
     print(table)
     print(f"metrics: {out / 'metrics.json'}; table: {out / 'results.md'}; pictures: {out / 'pairs'}/ and "
           f"{out}/pmd_hist_*.png")
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line into an EvalConfig and evaluate; one-line user errors (`--debug` for tracebacks)."""
+    run_command(lambda a: main(parse_dataclass(EvalConfig, a, description=__doc__)), argv)
+
+
 if __name__ == "__main__":
-    main(parse_dataclass(EvalConfig, description=__doc__))
+    cli()

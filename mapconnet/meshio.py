@@ -7,11 +7,12 @@ file.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import trimesh
+
+from mapconnet.files import replacing
 
 MESH_SUFFIXES = (".obj", ".ply", ".off", ".stl", ".glb", ".gltf")
 
@@ -78,17 +79,11 @@ def save_mesh(path, vertices, faces) -> Path:
     if faces.ndim != 2 or faces.shape[1] != 3 or (faces.size and (faces.min() < 0 or faces.max() >= len(vertices))):
         raise ValueError(f"cannot save mesh {path}: faces of shape {faces.shape} must be (F, 3) indices "
                          f"into the {len(vertices)} vertices")
-    path.parent.mkdir(parents=True, exist_ok=True)
     mesh = trimesh.Trimesh(vertices, faces, process=False)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
+    with replacing(path) as tmp:
         if path.suffix.lower() == ".obj":
             # no normals or texture coordinates: nothing that could make a reader split vertices
-            data = trimesh.exchange.obj.export_obj(mesh, include_normals=False, include_texture=False)
-            tmp.write_text(data)
+            tmp.write_text(trimesh.exchange.obj.export_obj(mesh, include_normals=False, include_texture=False))
         else:
             mesh.export(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -24,6 +24,12 @@ DECODER_OUTPUTS = ("residual", "absolute")
 class ModelConfig:
     feature_dim: int = 256  # encoder output F; the first half is the identity code, the second the pose code
     encoder_widths: tuple[int, int] = (64, 128)  # the two layers before the feature layer
+    # Local shape context: the first encoder layer also reads the offsets to each vertex's k nearest
+    # vertices of the same mesh (max over the neighbours, an EdgeConv); 0 = the published per-vertex layer.
+    encoder_neighbours: int = 0
+    # The feature layer also reads a max-pool of the second layer over all vertices (a whole-body
+    # descriptor, as in PointNet segmentation); False = the published encoder.
+    encoder_global: bool = False
     residual_blocks: int = 4
     # The published widths are (1024, 512, 256); 4x narrower stages cost 7x fewer decoder FLOPs
     # and keep a 2-core training step under 1.5 s (README "Deviations from the paper").
@@ -48,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"feature_dim must be even and >= 2 (identity and pose halves), got {self.feature_dim}")
         if not self.decoder_widths:
             raise ValueError("decoder_widths must name at least one stage")
+        if self.encoder_neighbours < 0:
+            raise ValueError(f"encoder_neighbours must be >= 0 (0: per-vertex encoder), got {self.encoder_neighbours}")
         if self.decoder_output not in DECODER_OUTPUTS:
             raise ValueError(f"decoder_output must be one of {DECODER_OUTPUTS}, got {self.decoder_output!r}")
         if self.backend != "auto" and self.backend not in kernels.dispatch.SOFTMAX_BACKENDS:
@@ -84,18 +92,47 @@ class ResidualBlock(nn.Module):
         return self.act2(h + instance_norm(self.fc2(self.act1(instance_norm(self.fc1(h))))))
 
 
+@torch.compiler.disable
+@torch.no_grad()
+def nearest_vertices(x: torch.Tensor, k: int, rows: int = 2048) -> torch.Tensor:
+    """Indices (B, N, k) of the k nearest vertices of x (B, N, 3) within the same mesh, nearest
+    (the vertex itself) first. Computed `rows` vertices at a time: memory B * rows * N, never N x N."""
+    k = min(k, x.shape[1])
+    return torch.cat([torch.cdist(x[:, s:s + rows], x).topk(k, dim=-1, largest=False).indices
+                      for s in range(0, x.shape[1], rows)], dim=1)
+
+
 class Encoder(nn.Module):
     """Per-vertex features (B, N, F) of a mesh (B, N, 3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         w1, w2 = cfg.encoder_widths
-        self.fc1, self.fc2, self.fc3 = nn.Linear(3, w1), nn.Linear(w1, w2), nn.Linear(w2, cfg.feature_dim)
+        self.neighbours, self.global_context = cfg.encoder_neighbours, cfg.encoder_global
+        self.fc1 = nn.Linear(3, w1)
+        if self.neighbours:
+            self.fc_offsets = nn.Linear(3, w1)  # its own map and norm: offsets are ~100x smaller than x
+        self.fc2 = nn.Linear(w1, w2)
+        self.fc3 = nn.Linear(2 * w2 if self.global_context else w2, cfg.feature_dim)
         self.blocks = nn.ModuleList(ResidualBlock(cfg.feature_dim) for _ in range(cfg.residual_blocks))
 
-    def forward(self, x):
+    def first_layer(self, x):
+        """fc1, plus with `encoder_neighbours` max over neighbours j of IN(fc_offsets(x_j - x_i))."""
         h = instance_norm(self.fc1(x))
+        if not self.neighbours:
+            return h
+        B, N, _ = x.shape
+        idx = nearest_vertices(x, self.neighbours)  # (B, N, k)
+        k = idx.shape[-1]
+        x_j = x.gather(1, idx.reshape(B, N * k, 1).expand(-1, -1, 3)).reshape(B, N, k, 3)
+        offsets = instance_norm(self.fc_offsets((x_j - x.unsqueeze(2)).reshape(B, N * k, 3)))
+        return (h.unsqueeze(2) + offsets.reshape(B, N, k, -1)).amax(dim=2)
+
+    def forward(self, x):
+        h = self.first_layer(x)
         h = instance_norm(self.fc2(F.leaky_relu(h, 0.2)))
+        if self.global_context:
+            h = torch.cat([h, h.amax(dim=1, keepdim=True).expand_as(h)], dim=-1)
         h = F.normalize(instance_norm(self.fc3(F.leaky_relu(h, 0.2))), dim=-1)
         for block in self.blocks:
             h = block(h)

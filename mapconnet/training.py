@@ -39,6 +39,7 @@ from mapconnet import checkpoint as ckpt
 from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
 from mapconnet.data.stream import BodyStream
 from mapconnet.evaluation import candidates, centred
+from mapconnet.files import folder_lock
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
 from mapconnet.objective import TERMS, step_losses, weighted_total
@@ -64,6 +65,9 @@ class TrainConfig:
     percentage: float = 100.0  # % of training identities (and, independently, poses) that are labelled
     use_unlabelled: bool = False  # also train on unlabelled samples (needed when percentage < 100)
     lr: float = 1e-4
+    # "published": Adam with beta1 = 0, beta2 = 0.9, eps = 1e-3 (MAPConNet's GAN-style settings);
+    # "adam": torch's defaults, beta1 = 0.9, beta2 = 0.999, eps = 1e-8
+    optimizer: str = "published"
     seed: int = 0
     device: str = "cpu"
     workers: int = 0  # DataLoader worker processes
@@ -76,6 +80,8 @@ class TrainConfig:
     val_every: int = 8
     val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD
     resume: bool = False
+    # start afresh in an --out that holds a run, deleting that run's files (RUN_FILES, nothing else)
+    overwrite: bool = False
     # start from the weights of this checkpoint ("pretrained" names the shipped model) with a fresh
     # optimiser and schedule: a fine-tune; the model config must describe the same architecture
     init: str = ""
@@ -158,6 +164,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.epochs < 1 and cfg.max_steps < 1:
         raise ValueError("need --epochs >= 1 or --max-steps >= 1")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.bf16 and not cfg.device.startswith("cuda"):
         raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")
     if cfg.data == STREAM and not cfg.val_data:
@@ -169,7 +177,7 @@ def check_config(cfg: TrainConfig) -> None:
 # TrainConfig fields that define what a run learns from: --resume refuses to change them (the
 # others, such as --max-steps, --val-every or --workers, may change between the parts of a run).
 RUN_FIELDS = ("data", "val_data", "stream_resolution", "batch_size", "pairs_per_epoch", "percentage",
-              "use_unlabelled", "lr", "seed", "init")
+              "use_unlabelled", "lr", "optimizer", "seed", "init")
 
 
 def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where: str) -> None:
@@ -192,9 +200,12 @@ def compile_for_training(model: MAPConNet) -> None:
     model.decoder.compile()
 
 
-def make_optimizer(model, lr: float) -> torch.optim.Adam:
-    """The one optimiser of training and the benchmarks: Adam, beta1 = 0, beta2 = 0.9, eps = 1e-3."""
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=1e-3)
+OPTIMIZERS = {"published": {"betas": (0.0, 0.9), "eps": 1e-3}, "adam": {"betas": (0.9, 0.999), "eps": 1e-8}}
+
+
+def make_optimizer(model, lr: float, kind: str = "published") -> torch.optim.Adam:
+    """The one optimiser of training and the benchmarks: Adam with the settings OPTIMIZERS[kind]."""
+    return torch.optim.Adam(model.parameters(), lr=lr, **OPTIMIZERS[kind])
 
 
 def lr_at(step: int, total: int, base: float) -> float:
@@ -325,21 +336,33 @@ def _open_data(cfg: TrainConfig):
     return opened.get(cfg.data), opened[cfg.val_data or cfg.data]
 
 
+# What a training run writes into --out: what --overwrite deletes, and all it deletes.
+RUN_FILES = ("checkpoint.pt", "losses.csv", "val.csv", "losses.png")
+
+
 def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossConfig | None = None) -> dict:
-    """Train as described in the module docstring. Returns {"step", "history" (one dict per step of
-    this run), "out" (Path)}."""
+    """Train as described in the module docstring, holding OUT/.lock so that no other training
+    writes into OUT meanwhile. Returns {"step", "history" (one dict per step of this run), "out" (Path)}."""
     model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
     check_config(cfg)
     dataset, val_dataset = _open_data(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "training"):
+        return _train(cfg, model_cfg, loss_cfg, dataset, val_dataset, out)
+
+
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, dataset, val_dataset, out: Path) -> dict:
     device = torch.device(cfg.device)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
+                              "it, --overwrite to start afresh (deletes only those files), or choose another --out")
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = MAPConNet(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.optimizer)
     step = 0
     if cfg.resume:
         if not (out / "checkpoint.pt").is_file():
@@ -359,8 +382,8 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
             payload = ckpt.load(ckpt.resolve(cfg.init))
             ckpt.check_compatible(payload, model_cfg, where=f"--init {cfg.init}")
             model.load_state_dict(payload["model"])
-        for name in ("losses.csv", "val.csv"):
-            (out / name).unlink(missing_ok=True)
+        for name in existing:  # --overwrite, checked above; only after the model and data are ready
+            (out / name).unlink()
 
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * cfg.pairs_per_epoch / cfg.batch_size)
     sets = sample_sets(cfg, dataset)
@@ -449,12 +472,19 @@ def read_validation(out) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["pmd"])) for r in read_validation_rows(out)]
 
 
-def cli(argv=None) -> dict:
+def parse_and_train(argv=None) -> dict:
     """Parse the command line (options generated from the config dataclasses) and train."""
     from mapconnet.cli import build_parser, split
 
     parser = build_parser(TrainConfig, ModelConfig, LossConfig, description=__doc__)
     return main(*split(parser.parse_args(argv), TrainConfig, ModelConfig, LossConfig))
+
+
+def cli(argv=None) -> None:
+    """The training command: `parse_and_train` with one-line user errors (`--debug` for tracebacks)."""
+    from mapconnet.cli import run_command
+
+    run_command(parse_and_train, argv)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ identity mesh's own scale and centre, so it lies in the identity mesh's frame.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from tqdm import tqdm
 
 from mapconnet.checkpoint import load_model
+from mapconnet.cli import run_command
 from mapconnet.meshio import load_mesh, save_mesh
 
 # Heights of the default anny training identities (DATA-NOTES: about 1.51-1.98 m).
@@ -49,9 +50,22 @@ def normalise(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return (vertices - centre) * scale, centre, scale
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation: Linux's MemAvailable (free plus reclaimable
+    caches), else free pages from sysconf."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_fits(n_identity: int, n_pose: int, backend: str) -> None:
     """Raise if one forward pass would not fit in the available memory, saying what would fit."""
-    available = psutil.virtual_memory().available
+    available = available_memory()
     need = (n_identity + n_pose) * BYTES_PER_VERTEX
     if backend == "torch":
         need += DENSE_BUFFERS * 4 * n_identity * n_pose
@@ -108,11 +122,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     model = load_model(args.checkpoint, device=args.device, backend=args.backend)
     model.eval()
     out = Path(args.out)
+    targets = [out / f"{p.stem}.ply" for p in poses] if Path(args.pose).is_dir() else [out]
+    inputs = {Path(p).resolve() for p in (args.identity, *poses)}
+    outputs = targets + [t.with_name(f"{t.stem}_warped{t.suffix}") for t in targets]
+    clash = [t for t in outputs if t.resolve() in inputs]
+    if clash:
+        raise ValueError(f"--out {args.out} would overwrite the input {clash[0]}; choose an output path that is "
+                         "neither the identity mesh nor a pose mesh")
     if Path(args.pose).is_dir():
         out.mkdir(parents=True, exist_ok=True)
-        targets = [out / f"{p.stem}.ply" for p in poses]
-    else:
-        targets = [out]
     written = []
     for pose_path, target in tqdm(list(zip(poses, targets)), desc="transfer", unit="mesh", disable=len(poses) == 1):
         pose_vertices, _ = load_mesh(pose_path)
@@ -126,5 +144,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return written
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The `mapconnet-transfer` command: `main` with one-line user errors (`--debug` for tracebacks)."""
+    run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,7 @@
 """The anny data generator, dataset folders, resolution maps and training samples (tiny sets)."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -59,6 +60,23 @@ def test_same_seed_same_bytes(tiny_dataset, tmp_path):
     with pytest.raises(FileExistsError, match="poses"):
         generate(["--out", str(again)] + TINY_ARGS[:3] + ["5"] + TINY_ARGS[4:])
     assert not list(tmp_path.glob("again.partial-*"))
+
+
+def test_overwrite_never_deletes_what_the_generator_did_not_write(tiny_dataset, tmp_path):
+    """--overwrite replaces only a dataset folder of this generator holding only its own files;
+    an ordinary folder, or a dataset with a user's file in it, is refused and left as it was."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="is not a dataset this generator wrote .* left alone"):
+        generate(["--out", str(mine), "--overwrite"] + TINY_ARGS)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    shutil.copytree(tiny_dataset, tmp_path / "set")
+    (tmp_path / "set" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"files the generator did not write \(\['notes.txt'\]\)"):
+        generate(["--out", str(tmp_path / "set"), "--overwrite"] + TINY_ARGS)
+    assert (tmp_path / "set" / "notes.txt").read_text() == "keep"
+    assert not list(tmp_path.glob(".*.lock"))
 
 
 def test_parse_args_has_no_side_effects_and_checks_values(tmp_path):

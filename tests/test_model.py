@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mapconnet.model import MAPConNet, ModelConfig, instance_norm
+from mapconnet.model import MAPConNet, ModelConfig, instance_norm, nearest_vertices
 
 TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8))
 
@@ -63,9 +63,11 @@ def test_full_size_model_parameter_shapes():
     assert published.decoder.lift.in_features == 3
 
 
-def test_equivariant_to_vertex_order():
+@pytest.mark.parametrize("context", [{}, {"encoder_neighbours": 5, "encoder_global": True}],
+                         ids=["published-encoder", "neighbours-and-global"])
+def test_equivariant_to_vertex_order(context):
     torch.manual_seed(0)
-    model = _trained_looking(MAPConNet(ModelConfig(**TINY, backend="torch"))).eval()
+    model = _trained_looking(MAPConNet(ModelConfig(**TINY, **context, backend="torch"))).eval()
     identity, pose = torch.randn(1, 40, 3, dtype=torch.float64), torch.randn(1, 33, 3, dtype=torch.float64)
     model = model.double()
     perm_i, perm_p = torch.randperm(40), torch.randperm(33)
@@ -89,6 +91,33 @@ def test_backends_agree_with_dense(backend):
     assert not torch.equal(dense.output, dense.warped)
     torch.testing.assert_close(other.warped, dense.warped, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(other.output, dense.output, rtol=1e-4, atol=1e-5)
+
+
+def test_nearest_vertices_match_brute_force_across_row_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(2, 45, 3, dtype=torch.float64)
+    idx = nearest_vertices(x, 6, rows=8)  # 6 row blocks, the last one partial
+    expected = torch.cdist(x, x).argsort(dim=-1)[..., :6]
+    assert idx.shape == (2, 45, 6)
+    assert torch.equal(idx, expected) and torch.equal(idx[..., 0], torch.arange(45).expand(2, -1))
+    assert nearest_vertices(x[:, :4], 6).shape == (2, 4, 4)  # k larger than the mesh: every vertex
+
+
+def test_encoder_context_reads_the_neighbourhood_and_the_whole_body():
+    """With encoder_neighbours a vertex's features depend on where its neighbours are (a far vertex
+    moving changes nothing else than through the norms); with encoder_global on every vertex's."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 60, 3)
+    local = MAPConNet(ModelConfig(**TINY, encoder_neighbours=4)).encoder.eval()
+    assert local.fc3.in_features == 16
+    moved = x.clone()
+    moved[0, nearest_vertices(x, 4)[0, 0, 1]] += 0.05  # the nearest neighbour of vertex 0
+    with torch.no_grad():
+        assert not torch.allclose(local(moved)[0, 0], local(x)[0, 0])
+    whole = MAPConNet(ModelConfig(**TINY, encoder_global=True)).encoder
+    assert whole.fc3.in_features == 32  # per-vertex and max-pooled halves
+    with pytest.raises(ValueError, match="encoder_neighbours must be >= 0"):
+        ModelConfig(encoder_neighbours=-1)
 
 
 def test_instance_norm_statistics():

@@ -1,5 +1,7 @@
 """train.py: every mode for one step, exact resume, torch vs chunked convergence, errors."""
 import csv
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -151,6 +153,34 @@ def test_errors(tiny_dataset, tmp_path):
         ModelConfig(backend="gpu")
     with pytest.raises(ValueError, match="--bf16 autocast is for CUDA"):
         _run(tiny_dataset, tmp_path, max_steps=1, bf16=True)
+
+
+def test_an_existing_run_is_never_lost(tiny_dataset, tmp_path):
+    """A new run into a folder that holds one is refused with its files untouched; --overwrite deletes
+    the run's own files and nothing else; a folder another live training holds is refused; a lock
+    left by a killed process is taken over."""
+    out = tmp_path / "run"
+    _run(tiny_dataset, out, max_steps=1)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint.pt, losses.csv, val.csv, "
+                                              r"losses.png\); pass --resume .* --overwrite"):
+        _run(tiny_dataset, out, max_steps=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    _run(tiny_dataset, out, max_steps=1, overwrite=True, seed=1)
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".lock").exists()
+    assert (out / "checkpoint.pt").read_bytes() != before["checkpoint.pt"]
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".lock").write_text("1 training\n")  # process 1 is always alive
+    with pytest.raises(FileExistsError, match=r"in use by another training \(process 1"):
+        _run(tiny_dataset, busy, max_steps=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (busy / ".lock").write_text(f"{dead.pid} training\n")  # stale: its process has exited
+    _run(tiny_dataset, busy, max_steps=1)
+    assert (busy / "checkpoint.pt").is_file() and not (busy / ".lock").exists()
 
 
 def test_compiled_step_matches_eager(tiny_dataset, tmp_path):

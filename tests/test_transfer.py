@@ -79,9 +79,28 @@ def test_transfer_errors(meshes, tiny_checkpoint, tmp_path, monkeypatch):  # noq
     with pytest.raises(ValueError, match="cannot read checkpoint|not a mapconnet checkpoint"):
         transfer.main(args(checkpoint=foreign))
 
-    class Tiny:
-        available = 64 * 2**20
+    for inputs in ({"out": identity}, {"out": pose}):  # never overwrite an input
+        with pytest.raises(ValueError, match="would overwrite the input"):
+            transfer.main(args(**inputs))
+    assert transfer.load_mesh(identity)[0].shape[0] > 0
 
-    monkeypatch.setattr(transfer.psutil, "virtual_memory", lambda: Tiny)
+    monkeypatch.setattr(transfer, "available_memory", lambda: 64 * 2**20)
     with pytest.raises(MemoryError, match="dense 'torch' backend fits about"):
         transfer.main(args(backend="torch"))
+
+
+def test_command_line_errors_are_one_line(meshes, tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+    """A user error prints `error: ...` on one line and exits 2; --debug shows the traceback."""
+    _, identity, pose = meshes
+    argv = ["--pose", str(tmp_path / "missing.obj"), "--identity", str(identity), "--checkpoint",
+            str(tiny_checkpoint), "--out", str(tmp_path / "o.ply")]
+    with pytest.raises(SystemExit) as done:
+        transfer.cli(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.obj" in err and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError, match="missing.obj"):
+        transfer.cli([*argv, "--debug"])
+    with pytest.raises(SystemExit) as done:
+        transfer.cli(["--pose", str(pose), *argv[2:]])
+    assert done.value.code == 0

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mapconnet.cli import run_command
+from mapconnet.files import folder_lock, write_text
+
 from . import anny_body
 from .resolution import RESOLUTIONS, apply_map, resolution_map
 
@@ -47,6 +50,7 @@ SIZE_FLAGS = ("identities", "poses", "test_identities", "test_poses", "test_pair
 DEFAULTS = (8, 32, 4, 8, 400)
 # Arguments that change the data; a finished folder made with the same ones is reused.
 DATA_ARGUMENTS = SIZE_FLAGS + ("seed", "resolution", "collision_identities")
+DATASET_FILES = ("vertices.npy", "faces.npy", "manifest.json", "preview.png")  # all a dataset folder holds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,7 +154,9 @@ def _remove_stale_partials(out: Path) -> None:
 def _existing(out: Path, args: argparse.Namespace) -> bool:
     """True when `out` is a finished dataset made by this generator with the same data arguments.
 
-    Raises FileExistsError when `out` exists but holds something else (and --overwrite is not given).
+    False when it is a dataset of this generator with other arguments and --overwrite is given.
+    Raises FileExistsError when it holds anything else (a folder that is not such a dataset, or one
+    with files the generator did not write, is never replaced) or --overwrite is not given.
     """
     manifest_path = out / "manifest.json"
     try:
@@ -160,14 +166,20 @@ def _existing(out: Path, args: argparse.Namespace) -> bool:
             old.get(k) == getattr(args, k) for k in DATA_ARGUMENTS)
     except (OSError, ValueError, KeyError, TypeError):
         same, old = False, None
-    if same and (out / "vertices.npy").is_file() and (out / "faces.npy").is_file():
+    if same and not args.overwrite and (out / "vertices.npy").is_file() and (out / "faces.npy").is_file():
         return True
     if old is None:
-        why = f"it is not a finished dataset ({manifest_path} missing or unreadable)"
-    else:
-        diff = {k: (old.get(k), getattr(args, k)) for k in DATA_ARGUMENTS if old.get(k) != getattr(args, k)}
-        why = f"it was made with different arguments (old, new): {diff or 'generator version changed'}"
-    raise FileExistsError(f"dataset folder {out} already exists and {why}; pass --overwrite to replace it")
+        raise FileExistsError(f"{out} exists and is not a dataset this generator wrote ({manifest_path} missing or "
+                              "unreadable); it is left alone: choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES)
+    if foreign:
+        raise FileExistsError(f"dataset folder {out} also holds files the generator did not write ({foreign[:5]}); "
+                              "it is left alone: move them away or choose another --out")
+    if args.overwrite:
+        return False
+    diff = {k: (old.get(k), getattr(args, k)) for k in DATA_ARGUMENTS if old.get(k) != getattr(args, k)}
+    raise FileExistsError(f"dataset folder {out} already exists and was made with different arguments (old, new): "
+                          f"{diff or 'generator version changed'}; pass --overwrite to replace it")
 
 
 def _preview(out_png: Path, vertices: np.ndarray, faces: np.ndarray, resolution: str, template_faces) -> None:
@@ -193,7 +205,12 @@ def main(argv: list[str] | None = None) -> Path:
     """
     args = parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not args.overwrite and _existing(out, args):
+    with folder_lock(out, "generator", lock=out.parent / f".{out.name}.lock"):
+        return _generate_into(out, args)
+
+
+def _generate_into(out: Path, args: argparse.Namespace) -> Path:
+    if out.exists() and _existing(out, args):
         if args.preview and not (out / "preview.png").is_file():
             from .datasets import open_dataset
 
@@ -293,15 +310,10 @@ def _generate(args: argparse.Namespace, work: Path) -> dict:
         timings["preview"] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - start, 2)
     manifest["seconds"] = timings
-    tmp = work / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, work / "manifest.json")
+    write_text(work / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     del vertices
     return manifest
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FileExistsError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_command(main)

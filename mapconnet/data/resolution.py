@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from mapconnet.files import replacing
+
 # name: target vertex count for decimation, None for the template itself, or rounds of subdivision
 RESOLUTIONS = {"lite": 1723, "smpl": 6890, "full": None, "x4": 1, "x16": 2}
 MAP_VERSION = 2  # part of the cache key: bump when the construction of a map changes
@@ -137,10 +139,8 @@ def resolution_map(name: str, template_vertices: np.ndarray, template_faces: np.
         for _ in range(RESOLUTIONS[name]):
             step, faces = subdivide(faces, W.shape[0])
             W = (step @ W).tocsr()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, data=W.data, indices=W.indices, indptr=W.indptr, shape=np.array(W.shape), faces=faces)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        np.savez(tmp, data=W.data, indices=W.indices, indptr=W.indptr, shape=np.array(W.shape), faces=faces)
     return W, faces
 
 
