@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -17,6 +18,35 @@ from collections.abc import Callable
 # bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                MemoryError)
+
+
+def check_ranges(config, rules: dict[str, tuple[Callable[[object], bool], str]]) -> None:
+    """Raise ValueError for the first field of `config` whose value fails its rule:
+    rules maps a field name to (predicate, what was expected), e.g. {"lr": (positive, "> 0")}."""
+    for name, (ok, expected) in rules.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+
+def at_least(low: float) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: math.isfinite(v) and v >= low), f">= {low:g}"
+
+
+POSITIVE = ((lambda v: math.isfinite(v) and v > 0), "a finite number > 0")
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError for a device torch cannot use here (e.g. cuda on a machine without CUDA)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device ({e}); expected cpu or cuda[:N]") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA, which this machine (or this torch build) does not have; "
+                         "use --device cpu")
 
 
 def run_command(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:

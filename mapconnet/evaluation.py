@@ -33,7 +33,7 @@ from tqdm import tqdm
 import kernels
 from mapconnet import render
 from mapconnet.checkpoint import load_model, resolve
-from mapconnet.cli import parse_dataclass, run_command
+from mapconnet.cli import at_least, check_device, check_ranges, parse_dataclass, run_command
 from mapconnet.data import TestPairs, open_dataset
 from mapconnet.files import write_text
 from mapconnet.meshio import save_mesh
@@ -57,6 +57,12 @@ class EvalConfig:
     device: str = "cpu"
     batch_size: int = 4
     pictures: int = 4  # how many pairs per list get a picture panel
+
+    def __post_init__(self):
+        if self.list not in ("unseen", "seen", "all"):
+            raise ValueError(f"--list must be unseen, seen or all, got {self.list!r}")
+        check_ranges(self, {"max_pairs": at_least(0), "pictures": at_least(0), "batch_size": at_least(1)})
+        check_device(self.device)
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +186,6 @@ def markdown_table(results: dict) -> str:
 
 
 def main(cfg: EvalConfig) -> dict:
-    if cfg.list not in ("unseen", "seen", "all"):
-        raise ValueError(f"--list must be unseen, seen or all, got {cfg.list!r}")
     checkpoint = resolve(cfg.checkpoint)
     model = load_model(checkpoint, device=cfg.device, backend=cfg.backend)
     model.eval()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from mapconnet.cli import POSITIVE, at_least, check_ranges
 
 
 @dataclass
@@ -22,6 +23,8 @@ class LossConfig:
     def __post_init__(self):
         if self.point_form not in ("infonce", "triplet"):
             raise ValueError(f"point_form must be 'infonce' or 'triplet', got {self.point_form!r}")
+        check_ranges(self, {**{w: at_least(0) for w in ("reconstruction", "edge", "mesh_contrastive",
+                                                          "point_contrastive", "margin")}, "tau": POSITIVE})
 
 
 def reconstruction(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from mapconnet.cli import POSITIVE, at_least, check_ranges
 
 DECODER_OUTPUTS = ("residual", "absolute")
 
@@ -54,8 +55,10 @@ class ModelConfig:
             raise ValueError(f"feature_dim must be even and >= 2 (identity and pose halves), got {self.feature_dim}")
         if not self.decoder_widths:
             raise ValueError("decoder_widths must name at least one stage")
-        if self.encoder_neighbours < 0:
-            raise ValueError(f"encoder_neighbours must be >= 0 (0: per-vertex encoder), got {self.encoder_neighbours}")
+        widths = (lambda w: all(c >= 1 for c in w)), "widths >= 1"
+        check_ranges(self, {"encoder_widths": widths, "decoder_widths": widths, "residual_blocks": at_least(0),
+                            "encoder_neighbours": at_least(0), "eps": POSITIVE, "iters": at_least(1),
+                            "init_gain": POSITIVE})
         if self.decoder_output not in DECODER_OUTPUTS:
             raise ValueError(f"decoder_output must be one of {DECODER_OUTPUTS}, got {self.decoder_output!r}")
         if self.backend != "auto" and self.backend not in kernels.dispatch.SOFTMAX_BACKENDS:

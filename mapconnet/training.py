@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import kernels
 from mapconnet import checkpoint as ckpt
+from mapconnet.cli import POSITIVE, at_least, check_device, check_ranges
 from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
 from mapconnet.data.stream import BodyStream
 from mapconnet.evaluation import candidates, centred
@@ -48,6 +49,9 @@ STREAM = "stream"  # --data value for fresh anny bodies
 DEMO_DATA = "data/demo"
 DEMO_DATA_ARGS = ["--identities", "8", "--poses", "32", "--test-identities", "4", "--test-poses", "8",
                   "--seed", "0", "--resolution", "lite", "--test-pairs", "64", "--preview"]
+
+
+OPTIMIZERS = {"published": {"betas": (0.0, 0.9), "eps": 1e-3}, "adam": {"betas": (0.9, 0.999), "eps": 1e-8}}
 
 
 @dataclass
@@ -88,6 +92,27 @@ class TrainConfig:
     # leave after this many steps of this run (checkpointed; the schedule is the full run's),
     # e.g. to fit a job time limit
     stop_after: int = 0
+
+    def __post_init__(self):
+        """Every option is checked here, when it is parsed, before anything is read or written."""
+        check_ranges(self, {**{n: at_least(1) for n in ("batch_size", "pairs_per_epoch", "checkpoint_every",
+                                                        "val_every")},
+                            **{n: at_least(0) for n in ("epochs", "max_steps", "stop_after", "val_pairs", "workers")},
+                            "lr": POSITIVE, "percentage": ((lambda v: 0 <= v <= 100), "in [0, 100]")})
+        if self.percentage < 100 and not self.use_unlabelled:
+            raise ValueError(f"--percentage {self.percentage:g} leaves data unlabelled but --use-unlabelled is off; "
+                             "pass --use-unlabelled (or --percentage 100 for supervised training)")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ValueError("need --epochs >= 1 or --max-steps >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        check_device(self.device)
+        if self.bf16 and not self.device.startswith("cuda"):
+            raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")
+        if self.data == STREAM and not self.val_data:
+            raise ValueError("--data stream needs --val-data DIR, a dataset folder whose test lists validate the run "
+                             "(e.g. one written by `python -m mapconnet.data.generate --preset published "
+                             "--resolution lite`)")
 
 
 class CountFrom(torch.utils.data.Sampler):
@@ -153,27 +178,6 @@ def active_kinds(cfg: TrainConfig, sets: dict) -> list[str]:
     return [k for k in step_kinds(cfg) if k in sets]
 
 
-def check_config(cfg: TrainConfig) -> None:
-    if not 0 <= cfg.percentage <= 100:
-        raise ValueError(f"--percentage must be in [0, 100], got {cfg.percentage}")
-    if cfg.percentage < 100 and not cfg.use_unlabelled:
-        raise ValueError(f"--percentage {cfg.percentage:g} leaves data unlabelled but --use-unlabelled is off; "
-                         "pass --use-unlabelled (or --percentage 100 for supervised training)")
-    for name in ("batch_size", "pairs_per_epoch", "checkpoint_every", "val_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.epochs < 1 and cfg.max_steps < 1:
-        raise ValueError("need --epochs >= 1 or --max-steps >= 1")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"--optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
-    if cfg.bf16 and not cfg.device.startswith("cuda"):
-        raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")
-    if cfg.data == STREAM and not cfg.val_data:
-        raise ValueError("--data stream needs --val-data DIR, a dataset folder whose test lists validate the run "
-                         "(e.g. one written by `python -m mapconnet.data.generate --preset published "
-                         "--resolution lite`)")
-
-
 # TrainConfig fields that define what a run learns from: --resume refuses to change them (the
 # others, such as --max-steps, --val-every or --workers, may change between the parts of a run).
 RUN_FIELDS = ("data", "val_data", "stream_resolution", "batch_size", "pairs_per_epoch", "percentage",
@@ -198,9 +202,6 @@ def compile_for_training(model: MAPConNet) -> None:
     those of the plain model); the kernels' custom autograd Functions stay eager."""
     model.encoder.compile()
     model.decoder.compile()
-
-
-OPTIMIZERS = {"published": {"betas": (0.0, 0.9), "eps": 1e-3}, "adam": {"betas": (0.9, 0.999), "eps": 1e-8}}
 
 
 def make_optimizer(model, lr: float, kind: str = "published") -> torch.optim.Adam:
@@ -344,7 +345,6 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     """Train as described in the module docstring, holding OUT/.lock so that no other training
     writes into OUT meanwhile. Returns {"step", "history" (one dict per step of this run), "out" (Path)}."""
     model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
-    check_config(cfg)
     dataset, val_dataset = _open_data(cfg)
     out = Path(cfg.out)
     with folder_lock(out, "training"):

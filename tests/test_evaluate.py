@@ -106,3 +106,13 @@ def test_evaluate_errors(tiny_dataset, tiny_checkpoint, tmp_path):
         evaluate.main(evaluate.EvalConfig(**{**base, "checkpoint": str(foreign)}))
     with pytest.raises(FileNotFoundError, match="dataset folder .* does not exist"):
         evaluate.main(evaluate.EvalConfig(**{**base, "data": str(tmp_path / "nodata")}))
+
+
+@pytest.mark.parametrize("argv, message", [(["--max-pairs", "-3"], "--max-pairs must be >= 0, got -3"),
+                                           (["--pictures", "-1"], "--pictures must be >= 0, got -1"),
+                                           (["--list", "both"], "--list must be unseen, seen or all")])
+def test_options_are_checked_when_parsed(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        evaluate.cli(["--out", str(tmp_path / "eval"), *argv])
+    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()

@@ -208,3 +208,25 @@ def test_validation_rows_and_the_runs_picture(tiny_dataset, tmp_path):
     assert rows[0]["pmd"] == rows[0]["warped_pmd"]  # the untrained residual decoder adds nothing
     png = train.plot_runs({"a": tmp_path / "a", "again": tmp_path / "a"}, tmp_path / "runs.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-steps", "-5"], "--max-steps must be >= 0, got -5"),
+    (["--stop-after", "-3"], "--stop-after must be >= 0, got -3"),
+    (["--val-pairs", "-1"], "--val-pairs must be >= 0, got -1"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--residual-blocks", "-1"], "--residual-blocks must be >= 0, got -1"),
+    (["--eps", "-1"], "--eps must be a finite number > 0, got -1.0"),
+    (["--reconstruction", "-1000"], "--reconstruction must be >= 0, got -1000.0"),
+    (["--tau", "0"], "--tau must be a finite number > 0, got 0.0"),
+    (["--optimizer", "sgd"], "--optimizer must be one of"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_every_option_is_checked_when_parsed(argv, message, tmp_path, capsys):
+    """A meaningless option is one line `error: ...` and exit status 2, before anything is written."""
+    with pytest.raises(SystemExit) as done:
+        train.cli(["--out", str(tmp_path / "run"), *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
