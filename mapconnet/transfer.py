@@ -9,14 +9,16 @@ vertex order.
 
 Normalisation (how the model was trained): the training meshes are anny bodies in metres, Z up,
 bounding-box centred, adult heights (bounding-box extent along Z) in TRAIN_HEIGHT_RANGE. Each
-input is centred on its bounding-box centre and, if its height lies outside that range (a mesh in
-centimetres, a child, a giant), scaled uniformly into it. The output is mapped back with the
-identity mesh's own scale and centre, so it lies in the identity mesh's frame.
+input is rotated to Z up if it is Y-up (detected, or --up), converted to metres (the unit is read
+from its height: m, cm or mm), centred on its bounding-box centre and, if its height lies outside
+that range (a child, a giant), scaled uniformly into it; each change is printed as a note. The
+output is mapped back with the identity mesh's own frame, so it lies where the identity mesh lies.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +38,68 @@ BYTES_PER_VERTEX = 64 * 1024
 DENSE_BUFFERS = 4  # dense torch keeps scores, probabilities and two temporaries of size N_I x N_P
 
 
-def normalise(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centre a (V, 3) mesh and scale its height into TRAIN_HEIGHT_RANGE.
+# A standing body's height in metres lies in this range; a height 100x or 1000x larger is read
+# as centimetres or millimetres.
+METRE_HEIGHTS = (0.3, 3.0)
+UNITS = ((1.0, "metres"), (0.01, "centimetres"), (0.001, "millimetres"))
+MIN_VERTICES = 100  # anny's coarsest body has 1,723; fewer is not a body
+# Y-up files (glTF, many DCC tools) are rotated to Z up: (x, y, z) -> (x, -z, y).
+UP_ROTATIONS = {"z": np.eye(3), "y": np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])}
 
-    Returns the normalised vertices, the centre and the scale (normalised = (v - centre) * scale).
+
+@dataclass
+class Frame:
+    """How a mesh was put into the training frame: model = ((v - centre) @ rotation.T) * scale."""
+    centre: np.ndarray  # (3,) bounding-box centre in file coordinates
+    rotation: np.ndarray  # (3, 3) file axes -> Z-up axes
+    scale: float
+
+    def back(self, model_vertices: np.ndarray) -> np.ndarray:
+        """(V, 3) training-frame vertices -> the file's frame."""
+        return (model_vertices / self.scale) @ self.rotation + self.centre
+
+
+def normalise(vertices: np.ndarray, up: str = "auto", name: str = "mesh") -> tuple[np.ndarray, Frame, list[str]]:
+    """Put a (V, 3) body into the training frame: Z up, metres, bounding-box centred, height in
+    TRAIN_HEIGHT_RANGE.
+
+    up: "z", "y", or "auto" (Y when the extent along Y exceeds 1.5x the extent along Z: a standing
+    body is far taller than it is deep, and X is left-right in both conventions). The unit is read
+    from the height (metres, centimetres or millimetres); a body outside the training heights (a
+    child, a giant) is scaled uniformly into them. Returns (normalised (V, 3), Frame, notices: one
+    line per change a user should know about). Raises ValueError for a mesh that is not a body.
     """
+    if len(vertices) < MIN_VERTICES:
+        raise ValueError(f"{name} has {len(vertices)} vertices; a body mesh needs at least {MIN_VERTICES} "
+                         "(anny's coarsest has 1,723)")
+    if up not in ("auto", *UP_ROTATIONS):
+        raise ValueError(f"--up must be auto, z or y, got {up!r}")
+    extent = np.ptp(vertices, axis=0)
+    if (extent <= 0).any():
+        raise ValueError(f"{name} is flat (extents {np.round(extent, 4).tolist()}); expected a 3-D body")
+    notices = []
+    if up == "auto":
+        up = "y" if extent[1] > 1.5 * extent[2] else "z"
+        if up == "y":
+            notices.append(f"{name} looks Y-up (extent {extent[1]:.3g} along Y, {extent[2]:.3g} along Z): rotated "
+                           "to Z-up for the model and back for the output (--up z keeps it as it is)")
+    rotation = UP_ROTATIONS[up]
     centre = (vertices.max(0) + vertices.min(0)) / 2
-    height = float(vertices[:, 2].max() - vertices[:, 2].min())
-    if height <= 0:
-        raise ValueError("mesh is flat along Z (height 0); expected a body standing along +Z")
+    height = float(extent @ np.abs(rotation[2]))  # the extent along the up axis
+    unit = next(((f, u) for f, u in UNITS if METRE_HEIGHTS[0] <= height * f <= METRE_HEIGHTS[1]), None)
+    if unit is None:
+        raise ValueError(f"{name} is {height:.4g} units tall, which is no standing body's height in metres, "
+                         "centimetres or millimetres; expected a body standing along the up axis (see --up)")
+    factor, unit_name = unit
+    metres = height * factor
     lo, hi = TRAIN_HEIGHT_RANGE
-    scale = min(max(height, lo), hi) / height
-    return (vertices - centre) * scale, centre, scale
+    scale = factor * min(max(metres, lo), hi) / metres
+    if factor != 1:
+        notices.append(f"{name} is {height:.4g} units tall: read as {unit_name} ({metres:.2f} m)")
+    if not lo <= metres <= hi:
+        notices.append(f"{name} is {metres:.2f} m tall, outside the training heights {lo}-{hi} m: scaled to "
+                       f"{min(max(metres, lo), hi):.2f} m for the model, and the output back")
+    return ((vertices - centre) @ rotation.T) * scale, Frame(centre, rotation, scale), notices
 
 
 def available_memory() -> int:
@@ -91,18 +143,19 @@ def pose_files(path: Path) -> list[Path]:
     return [path]
 
 
-def transfer(model, identity_vertices: np.ndarray, pose_vertices: np.ndarray, device="cpu"):
+def transfer(model, identity_vertices: np.ndarray, pose_vertices: np.ndarray, device="cpu", up: str = "auto"):
     """Re-pose one identity mesh (V_I, 3) into one pose mesh's pose (V_P, 3).
 
-    Returns (output, warped), each (V_I, 3) in the identity mesh's frame and vertex order.
+    Returns (output, warped, notices), output and warped (V_I, 3) in the identity mesh's frame and
+    vertex order; notices: what `normalise` changed about either input.
     """
-    ident, centre, scale = normalise(identity_vertices)
-    pose, _, _ = normalise(pose_vertices)
+    ident, frame, notices = normalise(identity_vertices, up, "identity mesh")
+    pose, _, pose_notices = normalise(pose_vertices, up, "pose mesh")
     as_batch = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device)[None]  # noqa: E731
     with torch.no_grad():
         result = model(as_batch(ident), as_batch(pose))
-    back = lambda t: t[0].double().cpu().numpy() / scale + centre  # noqa: E731
-    return back(result.output), back(result.warped)
+    back = lambda t: frame.back(t[0].double().cpu().numpy())  # noqa: E731
+    return back(result.output), back(result.warped), notices + pose_notices
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -115,6 +168,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--warped", action="store_true", help="also write the warped mesh (correspondence only)")
     parser.add_argument("--backend", default="auto", help="kernels backend (auto, torch, chunked, keops, triton)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--up", default="auto", choices=("auto", "z", "y"),
+                        help="the meshes' up axis (auto: Y when a mesh is much taller along Y than along Z)")
     args = parser.parse_args(argv)
 
     identity_vertices, identity_faces = load_mesh(args.identity, require_faces=True)
@@ -131,11 +186,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          "neither the identity mesh nor a pose mesh")
     if Path(args.pose).is_dir():
         out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, shown = [], set()
     for pose_path, target in tqdm(list(zip(poses, targets)), desc="transfer", unit="mesh", disable=len(poses) == 1):
         pose_vertices, _ = load_mesh(pose_path)
         check_fits(len(identity_vertices), len(pose_vertices), args.backend)
-        output, warped = transfer(model, identity_vertices, pose_vertices, args.device)
+        output, warped, notices = transfer(model, identity_vertices, pose_vertices, args.device, args.up)
+        for line in dict.fromkeys(notices):
+            if line not in shown:
+                tqdm.write(f"note: {line}")
+                shown.add(line)
         written.append(save_mesh(target, output, identity_faces))
         if args.warped:
             written.append(save_mesh(target.with_name(f"{target.stem}_warped{target.suffix}"), warped, identity_faces))

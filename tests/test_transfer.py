@@ -46,13 +46,49 @@ def test_transfer_folder_of_frames(meshes, tiny_checkpoint, tmp_path):  # noqa: 
     assert [p.name for p in written] == ["frame_000.ply", "frame_001.ply", "frame_002.ply"]
 
 
-def test_normalise_scales_into_training_heights():
-    v = np.array([[0.0, 0, 0], [0, 0, 170], [10, 5, 85]])
-    normalised, centre, scale = transfer.normalise(v)
-    assert np.ptp(normalised[:, 2]) == pytest.approx(transfer.TRAIN_HEIGHT_RANGE[1])
-    assert np.allclose(normalised / scale + centre, v)
-    metres = v / 100
-    assert transfer.normalise(metres)[2] == 1.0  # 1.7 m is already in range
+@pytest.fixture
+def body(tiny_dataset):
+    return open_dataset(tiny_dataset).mesh(0, 0).astype(np.float64)  # metres, Z up, about 1.5-2 m tall
+
+
+def test_normalise_reads_units_and_maps_back(body):
+    """A body in metres is only centred; in centimetres or millimetres it is converted to its true
+    height (not clamped to the range's edge); a child-sized body is scaled into the training
+    heights; every change is a notice, and Frame.back inverts it."""
+    height = np.ptp(body[:, 2])
+    normalised, frame, notices = transfer.normalise(body)
+    assert frame.scale == 1.0 and notices == []
+    for factor, unit in ((100, "centimetres"), (1000, "millimetres")):
+        normalised, frame, notices = transfer.normalise(body * factor)
+        assert np.ptp(normalised[:, 2]) == pytest.approx(height)
+        assert any(unit in n for n in notices)
+        np.testing.assert_allclose(frame.back(normalised), body * factor, atol=1e-9 * factor)
+    child = body * 0.6
+    normalised, frame, notices = transfer.normalise(child)
+    assert np.ptp(normalised[:, 2]) == pytest.approx(transfer.TRAIN_HEIGHT_RANGE[0])
+    assert any("outside the training heights" in n for n in notices)
+    np.testing.assert_allclose(frame.back(normalised), child, atol=1e-9)
+
+
+def test_normalise_detects_y_up(body):
+    y_up = body @ np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]).T  # (x, y, z) -> (x, z, -y): Y is up
+    normalised, frame, notices = transfer.normalise(y_up)
+    z_up, _, _ = transfer.normalise(body)
+    np.testing.assert_allclose(normalised, z_up, atol=1e-9)
+    assert any("looks Y-up" in n for n in notices)
+    np.testing.assert_allclose(frame.back(normalised), y_up, atol=1e-9)
+    np.testing.assert_allclose(transfer.normalise(y_up, up="z")[1].rotation, np.eye(3))
+
+
+def test_normalise_refuses_what_is_not_a_body(body):
+    with pytest.raises(ValueError, match="has 3 vertices; a body mesh needs at least 100"):
+        transfer.normalise(body[:3])
+    flat = body.copy()
+    flat[:, 1] = 0
+    with pytest.raises(ValueError, match="is flat"):
+        transfer.normalise(flat)
+    with pytest.raises(ValueError, match="no standing body's height"):
+        transfer.normalise(body * 8)  # 14 m: neither metres, centimetres nor millimetres
 
 
 def test_transfer_errors(meshes, tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
