@@ -34,10 +34,11 @@ def sinkhorn_correspondence(q, k, v, *, eps=0.03, iters=5, backend="auto", retur
         ``softmax_argmax(q, k, scale=1/eps, bias=log_b)`` is the hard matching of the final plan.
     """
     q, unbatched = check.as_batched("q", q)
-    k, _ = check.as_batched("k", k)
-    v, _ = check.as_batched("v", v)
-    if q.dim() != k.dim() or k.dim() != v.dim():
-        raise ValueError("q, k and v must all be batched (3-D) or all unbatched (2-D)")
+    k, k_unbatched = check.as_batched("k", k)
+    v, v_unbatched = check.as_batched("v", v)
+    if not unbatched == k_unbatched == v_unbatched:
+        raise ValueError(f"q, k and v must all be batched (3-D) or all unbatched (2-D), got q {q.dim() - unbatched}-D, "
+                         f"k {k.dim() - k_unbatched}-D, v {v.dim() - v_unbatched}-D")
     check.same_kind("q", q, k=k, v=v)
     check.channels_match(q, k)
     if v.shape[1] != k.shape[1]:

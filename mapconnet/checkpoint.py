@@ -57,6 +57,11 @@ def load(path) -> dict:
             or "model_config" not in payload:
         raise ValueError(f"{path} is not a mapconnet checkpoint (expected a dict with format {CHECKPOINT_FORMAT!r}, "
                          "\"model\" and \"model_config\")")
+    broken = [k for k, v in payload["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+              and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"checkpoint {path} has NaN or inf in {len(broken)} weight tensors ({', '.join(broken[:3])}): "
+                         "the run that wrote it diverged; use an earlier checkpoint")
     return payload
 
 
@@ -141,7 +146,11 @@ def load_model(path, *, device="cpu", backend: str | None = None) -> MAPConNet:
     if backend is not None:
         cfg = dataclasses.replace(cfg, backend=backend)
     model = MAPConNet(cfg)
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    except RuntimeError as e:  # a weight of another shape: torch lists every one, keep the first
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise ValueError(f"checkpoint {path} does not fit its own model config ({first})") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit its own model config: missing weights {missing[:4]}, "
                          f"unexpected weights {unexpected[:4]} (a file edited or written by another version)")

@@ -44,6 +44,14 @@ def test_round_trip_and_version_errors(tmp_path):
     ckpt.save(edited, {"model": state, "model_config": asdict(model.cfg)})
     with pytest.raises(ValueError, match=r"does not fit its own model config: missing weights \['decoder.out"):
         ckpt.load_model(edited)
+    resized = {**model.state_dict(), "theta.weight": torch.zeros(3, 3)}
+    ckpt.save(edited, {"model": resized, "model_config": asdict(model.cfg)})
+    with pytest.raises(ValueError, match=r"does not fit its own model config \(size mismatch for theta.weight"):
+        ckpt.load_model(edited)
+    diverged = {**model.state_dict(), "theta.weight": torch.full_like(model.theta.weight, float("nan"))}
+    ckpt.save(edited, {"model": diverged, "model_config": asdict(model.cfg)})
+    with pytest.raises(ValueError, match=r"has NaN or inf in 1 weight tensors \(theta.weight\): the run .* diverged"):
+        ckpt.load_model(edited)
 
 
 def test_export_weights_keeps_no_optimiser(tmp_path):

@@ -105,6 +105,12 @@ def test_non_positive_scalars(name, call):
         call(q, k, v)
 
 
+def test_sinkhorn_refuses_mixed_batching():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"all be batched \(3-D\) or all unbatched \(2-D\), got q 2-D, k 3-D, v 3-D"):
+        kernels.sinkhorn_correspondence(q[0], k, v)
+
+
 def test_iters():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"iters must be an integer >= 0, got -1"):
