@@ -125,7 +125,7 @@ TRAIN_STEP_BYTES_PER_VERTEX = 100 * 1024   # encoder x3 + decoder (1024/512/256 
 
 def memory_budget_bytes() -> tuple[float, str]:
     """How much one case may use: 40% of what is available now, at most 6 GiB on CPU (the box is
-    shared with other engineers' test runs, and must never be pushed into OOM); on CUDA 90% of the
+    shared with other jobs, and must never be pushed into OOM); on CUDA 90% of the
     free device memory."""
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()

@@ -49,7 +49,7 @@ def machine():
         "blas_fp32_gflops": H.blas_fp32_gflops(),
         "torch_threads": torch.get_num_threads(),
         "smoke": H.SMOKE,
-        "shared_machine_note": ("2 shared CPU cores; other engineers' jobs ran concurrently"
+        "shared_machine_note": ("2 shared CPU cores; other jobs may have run concurrently"
                                 if dev.type == "cpu" else ""),
     }
 

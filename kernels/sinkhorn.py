@@ -14,7 +14,7 @@ def sinkhorn_correspondence(q, k, v, *, eps=0.03, iters=5, backend="auto", retur
 
     With cost matrix C_ij = <q_i, k_j> (cosine similarity for unit-normalised features),
     log K_ij = (C_ij - 1) / eps and uniform marginals mu = 1/N, nu = 1/M, runs `iters` log-domain
-    Sinkhorn iterations (ARCHITECTURE.md section 3.1), then normalises the plan's rows:
+    Sinkhorn iterations (docs/DESIGN.md section 3.1), then normalises the plan's rows:
         W_i = sum_j softmax_j(C_ij / eps + log b_j) v_j.
     Each iteration is two streaming LSEs; no (N, M) matrix is built outside backend "torch".
     The a-update after the last b-update is skipped: the row normalisation cancels it.

@@ -1,4 +1,4 @@
-"""MAPConNet's losses (ARCHITECTURE.md s.5). Weights live in LossConfig, not in the functions."""
+"""MAPConNet's losses (docs/DESIGN.md section 5). Weights live in LossConfig, not in the functions."""
 from __future__ import annotations
 
 from dataclasses import dataclass

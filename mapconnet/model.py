@@ -1,4 +1,4 @@
-"""MAPConNet: encoder, streaming Sinkhorn correspondence and ElaIN decoder (ARCHITECTURE.md s.4).
+"""MAPConNet: encoder, streaming Sinkhorn correspondence and ElaIN decoder (docs/DESIGN.md section 4).
 
 Tensors are channel-last, (B, N, C). Every layer acts per vertex (linear = 1x1 convolution) and
 every normalisation pools over all vertices, so the model is equivariant to vertex order: permuting

@@ -7,7 +7,7 @@ carried along by its parent. About +X a hanging limb swings backward, so forward
 or a shoulder is a negative angle about X. Right-side rotations mirror the left ones:
 R_right = M R_left M with M = diag(-1, 1, 1), each side sampled independently.
 
-The joint limits below are anatomical ranges that gave plausible humans (DATA-NOTES.md), in
+The joint limits below are anatomical ranges that gave plausible humans (docs/DESIGN.md section 7), in
 degrees; fingers, toes, eyes and the root stay at rest (no global rotation or translation, as in
 the published data). One intensity s ~ U(0.3, 1) per pose scales every angle toward neutral so
 that calm poses appear too.
