@@ -20,7 +20,6 @@ OUT/pairs/<list>_<pair>.png (a few panels) and, with --save-outputs, OUT/outputs
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -35,7 +34,7 @@ from mapconnet import render
 from mapconnet.checkpoint import load_model, resolve
 from mapconnet.cli import at_least, check_device, check_ranges, parse_dataclass, run_command
 from mapconnet.data import TestPairs, open_dataset
-from mapconnet.files import write_text
+from mapconnet.files import sha256, write_text
 from mapconnet.meshio import save_mesh
 
 REPORT_SCALE = 1e4  # the field's convention: PMD and CD are reported x 1e-4
@@ -95,14 +94,6 @@ def pair_metrics(output: torch.Tensor, target: torch.Tensor, backend: str) -> di
     output, target = centred(output), centred(target)
     return {"pmd": kernels.pmd(output, target, reduction="none"),
             "cd": kernels.chamfer(output, target, reduction="none", backend=backend)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _original_order(shuffled: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -189,7 +180,7 @@ def main(cfg: EvalConfig) -> dict:
     checkpoint = resolve(cfg.checkpoint)
     model = load_model(checkpoint, device=cfg.device, backend=cfg.backend)
     model.eval()
-    dataset = open_dataset(cfg.data)
+    dataset = open_dataset(cfg.data, verify=True)
     names = ["unseen", "seen"] if cfg.list == "all" else [cfg.list]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +193,8 @@ def main(cfg: EvalConfig) -> dict:
         results[name], rows = evaluate_list(model, dataset, name, cfg, out)
         all_rows += rows
 
-    metrics = {**results, "config": asdict(cfg), "checkpoint_sha256": _sha256(checkpoint),
-               "manifest_sha256": _sha256(Path(cfg.data) / "manifest.json")}
+    metrics = {**results, "config": asdict(cfg), "checkpoint_sha256": sha256(checkpoint),
+               "manifest_sha256": sha256(Path(cfg.data) / "manifest.json")}
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(all_rows[0]))

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,15 @@ def write_text(path, text: str) -> Path:
     with replacing(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def sha256(path, chunk: int = 1 << 24) -> str:
+    """Hex digest of a file, read in 16 MB chunks (a dataset's vertices.npy can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _alive(pid: int) -> bool:

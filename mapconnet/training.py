@@ -333,7 +333,7 @@ def _open_data(cfg: TrainConfig):
         if not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder} does not exist or is not a folder; expected a dataset folder written "
                              f"by `python -m mapconnet.data.generate --out {folder} ...`, or --data stream")
-        opened[folder] = opened.get(folder) or open_dataset(folder)
+        opened[folder] = opened.get(folder) or open_dataset(folder, verify=True)
     return opened.get(cfg.data), opened[cfg.val_data or cfg.data]
 
 

@@ -27,11 +27,10 @@ from tqdm import tqdm
 
 from mapconnet.checkpoint import load_model
 from mapconnet.cli import run_command
-from mapconnet.meshio import load_mesh, save_mesh
+from mapconnet.meshio import MESH_SUFFIXES, load_mesh, save_mesh
 
 # Heights of the default anny training identities (about 1.51-1.98 m, docs/DESIGN.md section 7).
 TRAIN_HEIGHT_RANGE = (1.5, 2.0)
-MESH_SUFFIXES = (".obj", ".ply", ".off", ".glb", ".gltf", ".stl")
 # Per-vertex activation bytes of one forward (decoder widths 1024/512/256 and the encoder, fp32,
 # with a safety factor): what a mesh needs on top of the correspondence itself.
 BYTES_PER_VERTEX = 64 * 1024

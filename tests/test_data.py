@@ -154,6 +154,11 @@ def test_open_dataset_errors(tiny_dataset, tmp_path):
         f.write(b"\x00\x00\x80\x7f")
     with pytest.raises(ValueError, match="checksum"):
         open_dataset(broken, verify=True)
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    del manifest["sha256"]  # a folder without checksums (e.g. written by hand): the NaN is still found
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"NaN or inf coordinates \(identity 4, poses \[5\]\)"):
+        open_dataset(broken, verify=True)
 
 
 def test_preview_png(ds, tmp_path):

@@ -19,7 +19,6 @@ Sizes: `--preset demo` (the command above; a couple of minutes on 2 cores), `--p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from mapconnet.cli import run_command
-from mapconnet.files import folder_lock, write_text
+from mapconnet.files import folder_lock, sha256, write_text
 
 from . import anny_body
 from .resolution import RESOLUTIONS, apply_map, resolution_map
@@ -122,15 +121,6 @@ def test_lists(rng, train_ids, test_ids, test_poses, pairs) -> dict[str, list[li
         return [int(a), int(p), int(b), int(q)]
 
     return {"unseen": [draw(test_ids) for _ in range(pairs)], "seen": [draw(train_ids) for _ in range(pairs)]}
-
-
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    """Hex digest of a file, read in 16 MB chunks (vertices.npy can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _alive(pid: int) -> bool:
@@ -302,7 +292,7 @@ def _generate(args: argparse.Namespace, work: Path) -> dict:
         "test_lists": test_lists(rng, train_ids, test_ids, test_poses, args.test_pairs),
         "rejections": {"identities_bmi": id_rejected, "poses_collision": pose_rejected,
                        "pose_rejection_rate": pose_rejected / (pose_rejected + n_poses)},
-        "sha256": {name: _sha256(work / name) for name in ("vertices.npy", "faces.npy")},
+        "sha256": {name: sha256(work / name) for name in ("vertices.npy", "faces.npy")},
     }
     if args.preview:
         t = time.perf_counter()
