@@ -44,6 +44,7 @@ from mapconnet.files import folder_lock
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
 from mapconnet.objective import TERMS, step_losses, weighted_total
+from mapconnet.resources import available_memory, training_step_bytes
 
 STREAM = "stream"  # --data value for fresh anny bodies
 DEMO_DATA = "data/demo"
@@ -337,6 +338,22 @@ def _open_data(cfg: TrainConfig):
     return opened.get(cfg.data), opened[cfg.val_data or cfg.data]
 
 
+def check_step_memory(cfg: TrainConfig, model_cfg: ModelConfig, kinds: list[str], vertices: int) -> None:
+    """Raise MemoryError, before anything is written, when a training step would not fit in the
+    memory available now (CPU; estimate from `mapconnet.resources`), naming a batch size that fits."""
+    if cfg.device != "cpu":
+        return
+    unlabelled = any(k != "labelled" for k in kinds)
+    need = training_step_bytes(cfg.batch_size, vertices, model_cfg.decoder_widths, unlabelled)
+    available = available_memory()
+    if need > available:
+        fit = available * cfg.batch_size // need
+        hint = f"--batch-size {fit} fits" if fit >= 1 else "even --batch-size 1 does not fit: use a lower resolution"
+        raise MemoryError(f"a training step of --batch-size {cfg.batch_size} on {vertices:,}-vertex meshes"
+                          f"{' (unlabelled steps keep three passes)' if unlabelled else ''} needs about "
+                          f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available; {hint}")
+
+
 # What a training run writes into --out: what --overwrite deletes, and all it deletes.
 RUN_FILES = ("checkpoint.pt", "losses.csv", "val.csv", "losses.png")
 
@@ -357,6 +374,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
     if existing and not cfg.resume and not cfg.overwrite:
         raise FileExistsError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
                               "it, --overwrite to start afresh (deletes only those files), or choose another --out")
+    sets = sample_sets(cfg, dataset)
+    kinds = active_kinds(cfg, sets)
+    vertices = dataset.num_vertices if dataset is not None else next(iter(sets.values())).num_vertices
+    check_step_memory(cfg, model_cfg, kinds, vertices)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -386,8 +407,6 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
             (out / name).unlink()
 
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * cfg.pairs_per_epoch / cfg.batch_size)
-    sets = sample_sets(cfg, dataset)
-    kinds = active_kinds(cfg, sets)
     # Each kind's stream starts where `step` steps of the cycle left it, so a resumed run draws the
     # same samples as an uninterrupted one.
     drawn = lambda k, steps: sum(1 for s in range(steps) if kinds[s % len(kinds)] == k) * cfg.batch_size  # noqa: E731

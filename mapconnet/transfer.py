@@ -17,7 +17,6 @@ output is mapped back with the identity mesh's own frame, so it lies where the i
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from mapconnet.checkpoint import load_model
 from mapconnet.cli import run_command
 from mapconnet.meshio import MESH_SUFFIXES, load_mesh, save_mesh
+from mapconnet.resources import available_memory
 
 # Heights of the default anny training identities (about 1.51-1.98 m, docs/DESIGN.md section 7).
 TRAIN_HEIGHT_RANGE = (1.5, 2.0)
@@ -99,19 +99,6 @@ def normalise(vertices: np.ndarray, up: str = "auto", name: str = "mesh") -> tup
         notices.append(f"{name} is {metres:.2f} m tall, outside the training heights {lo}-{hi} m: scaled to "
                        f"{min(max(metres, lo), hi):.2f} m for the model, and the output back")
     return ((vertices - centre) @ rotation.T) * scale, Frame(centre, rotation, scale), notices
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation: Linux's MemAvailable (free plus reclaimable
-    caches), else free pages from sysconf."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(n_identity: int, n_pose: int, backend: str) -> None:

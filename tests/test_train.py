@@ -230,3 +230,11 @@ def test_every_option_is_checked_when_parsed(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_step_that_cannot_fit_is_refused_before_anything_is_written(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "available_memory", lambda: 2**30)
+    with pytest.raises(MemoryError, match=r"--batch-size 64 on 1,723-vertex meshes needs about .* GiB but 1.0 GiB "
+                                          r"is available; --batch-size \d fits"):
+        _run(tiny_dataset, tmp_path / "big", max_steps=1, batch_size=64)
+    assert not list((tmp_path / "big").iterdir())  # not even a log

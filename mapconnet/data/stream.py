@@ -66,6 +66,10 @@ class BodyStream(torch.utils.data.Dataset):
         """(F, 3) int64 faces of the stream's resolution (unshuffled)."""
         return self._map[1]
 
+    @property
+    def num_vertices(self) -> int:
+        return int(self.faces.max()) + 1
+
     def set_epoch(self, epoch: int) -> None:
         """A stream has no epochs (every index is fresh); kept for the samples' common interface."""
 
