@@ -1,7 +1,8 @@
 """Command lines generated from dataclasses, so defaults live in one place (the dataclass).
 
 Field names become `--kebab-case` options; bools become flags (`--name` sets True, `--no-name`
-False); tuples take several values. Parsing has no side effects.
+False); tuples take several values; a field without a default is a required option; a field's
+`metadata={"help": ...}` is its help text. Parsing has no side effects.
 
 `run_command` is how every command line of the package runs: a user error prints one line.
 """
@@ -74,16 +75,19 @@ def build_parser(*classes, description: str | None = None) -> argparse.ArgumentP
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = " ".join(filter(None, [f.metadata.get("help", ""), "(required)" if required else
+                                          f"(default: {default})"]))
             origin = typing.get_origin(kind)
             if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
             elif origin is tuple:
                 inner = typing.get_args(kind)[0]
-                group.add_argument(flag, type=inner, nargs="+", default=default, metavar=f.name.upper())
+                group.add_argument(flag, type=inner, nargs="+", default=default, metavar=f.name.upper(), help=text)
             else:
                 base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if origin else kind
-                group.add_argument(flag, type=base, default=default, help=f"default: {default}")
+                group.add_argument(flag, type=base, default=default, required=required, help=text)
     return parser
 
 

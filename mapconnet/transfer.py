@@ -16,8 +16,7 @@ output is mapped back with the identity mesh's own frame, so it lies where the i
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mapconnet.checkpoint import load_model
-from mapconnet.cli import run_command
+from mapconnet.cli import check_device, parse_dataclass, run_command
 from mapconnet.meshio import MESH_SUFFIXES, load_mesh, save_mesh
 from mapconnet.resources import available_memory
 
@@ -144,20 +143,28 @@ def transfer(model, identity_vertices: np.ndarray, pose_vertices: np.ndarray, de
     return back(result.output), back(result.warped), notices + pose_notices
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pose", required=True, help="pose mesh, or a folder of pose meshes (frames)")
-    parser.add_argument("--identity", required=True, help="identity mesh to re-pose")
-    parser.add_argument("--checkpoint", default="pretrained",
-                        help="checkpoint written by train.py (default: the pretrained model shipped with the package)")
-    parser.add_argument("--out", required=True, help="output mesh (.ply/.obj), or a folder when --pose is a folder")
-    parser.add_argument("--warped", action="store_true", help="also write the warped mesh (correspondence only)")
-    parser.add_argument("--backend", default="auto", help="kernels backend (auto, torch, chunked, keops, triton)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--up", default="auto", choices=("auto", "z", "y"),
-                        help="the meshes' up axis (auto: Y when a mesh is much taller along Y than along Z)")
-    args = parser.parse_args(argv)
+@dataclass
+class TransferConfig:
+    pose: str = field(metadata={"help": "pose mesh, or a folder of pose meshes (frames)"})
+    identity: str = field(metadata={"help": "identity mesh to re-pose (a triangle mesh)"})
+    out: str = field(metadata={"help": "output mesh (.ply/.obj), or a folder when --pose is a folder"})
+    checkpoint: str = field(default="pretrained", metadata={
+        "help": "checkpoint written by train.py, or a shipped name (pretrained, pretrained-unsupervised, ...)"})
+    warped: bool = field(default=False, metadata={"help": "also write the warped mesh (correspondence only)"})
+    backend: str = field(default="auto", metadata={"help": "kernels backend: auto, torch, chunked, keops, triton"})
+    device: str = "cpu"
+    up: str = field(default="auto", metadata={
+        "help": "the meshes' up axis: z, y, or auto (Y when a mesh is much taller along Y than along Z)"})
 
+    def __post_init__(self):
+        if self.up not in ("auto", *UP_ROTATIONS):
+            raise ValueError(f"--up must be auto, z or y, got {self.up!r}")
+        check_device(self.device)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Parse `argv` into a TransferConfig and re-pose; returns the written paths."""
+    args = parse_dataclass(TransferConfig, argv, description=__doc__)
     identity_vertices, identity_faces = load_mesh(args.identity, require_faces=True)
     poses = pose_files(Path(args.pose))
     model = load_model(args.checkpoint, device=args.device, backend=args.backend)
