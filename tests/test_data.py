@@ -86,9 +86,14 @@ def test_parse_args_has_no_side_effects_and_checks_values(tmp_path):
     assert args.resolution == "smpl"
     assert parse_args(["--out", "y"]).test_pairs == 400
     assert not (tmp_path / "x").exists()
-    for bad in (["--identities", "0"], ["--test-poses", "1"], ["--resolution", "huge"], ["--poses", "1"]):
-        with pytest.raises(SystemExit):
+    for bad, message in ((["--identities", "0"], "--identities must be >= 1, got 0"),
+                         (["--test-poses", "1"], "--test-poses must be >= 2"),
+                         (["--resolution", "huge"], "--resolution must be one of"),
+                         (["--poses", "1"], "--poses must be >= 2"), (["--preset", "tiny"], "--preset must be one of")):
+        with pytest.raises(ValueError, match=message):
             parse_args(["--out", "z"] + bad)
+    with pytest.raises(SystemExit):  # a missing required option is argparse's own error
+        parse_args([])
 
 
 def test_stale_partial_folders_are_removed(tmp_path):

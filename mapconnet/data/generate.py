@@ -18,18 +18,18 @@ Sizes: `--preset demo` (the command above; a couple of minutes on 2 cores), `--p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mapconnet.cli import run_command
+from mapconnet.cli import at_least, check_ranges, parse_dataclass, run_command
 from mapconnet.files import folder_lock, sha256, write_text
 
 from . import anny_body
@@ -52,37 +52,44 @@ DATA_ARGUMENTS = SIZE_FLAGS + ("seed", "resolution", "collision_identities")
 DATASET_FILES = ("vertices.npy", "faces.npy", "manifest.json", "preview.png")  # all a dataset folder holds
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (no side effects). Sizes not given come from --preset, else DEFAULTS."""
-    p = argparse.ArgumentParser(prog="python -m mapconnet.data.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="sizes of a standard set (explicit flags win)")
-    p.add_argument("--identities", type=int, help=f"training identities (default {DEFAULTS[0]})")
-    p.add_argument("--poses", type=int, help=f"training poses (default {DEFAULTS[1]})")
-    p.add_argument("--test-identities", type=int, help=f"unseen test identities (default {DEFAULTS[2]})")
-    p.add_argument("--test-poses", type=int, help=f"unseen test poses (default {DEFAULTS[3]})")
-    p.add_argument("--test-pairs", type=int, help=f"triplets in each test list (default {DEFAULTS[4]})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", choices=list(RESOLUTIONS), default="smpl",
-                   help="vertex count of every mesh: lite 1,723; smpl 6,890; full 13,348; x4 ~53k; x16 ~213k")
-    p.add_argument("--collision-identities", type=int, default=3,
-                   help="a pose is kept only if collision-free on this many of the heaviest training identities")
-    p.add_argument("--preview", action="store_true", help="render a grid of sampled bodies to DIR/preview.png")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset] if args.preset else DEFAULTS
-    for name, default in zip(SIZE_FLAGS, preset):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    for name in SIZE_FLAGS + ("collision_identities",):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.test_identities < 2 or args.test_poses < 2:
-        p.error("--test-identities and --test-poses must be >= 2 (a test triplet needs two of each)")
-    if args.poses < 2:
-        p.error("--poses must be >= 2 (a training pair needs two poses)")
-    return args
+@dataclass
+class GenerateConfig:
+    """What `python -m mapconnet.data.generate` accepts. Sizes left at None come from --preset, else DEFAULTS."""
+    out: str = field(metadata={"help": "dataset folder to create"})
+    preset: str | None = field(default=None, metadata={"help": f"sizes of a standard set, one of {sorted(PRESETS)} "
+                                                                 "(explicit size options win)"})
+    identities: int | None = field(default=None, metadata={"help": f"training identities (else {DEFAULTS[0]})"})
+    poses: int | None = field(default=None, metadata={"help": f"training poses (else {DEFAULTS[1]})"})
+    test_identities: int | None = field(default=None, metadata={"help": f"unseen test identities (else {DEFAULTS[2]})"})
+    test_poses: int | None = field(default=None, metadata={"help": f"unseen test poses (else {DEFAULTS[3]})"})
+    test_pairs: int | None = field(default=None, metadata={"help": f"triplets in each test list (else {DEFAULTS[4]})"})
+    seed: int = 0
+    resolution: str = field(default="smpl", metadata={
+        "help": "vertex count of every mesh: lite 1,723; smpl 6,890; full 13,348; x4 ~53k; x16 ~213k"})
+    collision_identities: int = field(default=3, metadata={
+        "help": "a pose is kept only if collision-free on this many of the heaviest training identities"})
+    preview: bool = field(default=False, metadata={"help": "render a grid of sampled bodies to DIR/preview.png"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing dataset folder of this generator (never a folder with other files)"})
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"--resolution must be one of {list(RESOLUTIONS)}, got {self.resolution!r}")
+        for name, default in zip(SIZE_FLAGS, PRESETS[self.preset] if self.preset else DEFAULTS):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        check_ranges(self, {name: at_least(1) for name in SIZE_FLAGS + ("collision_identities",)})
+        if self.test_identities < 2 or self.test_poses < 2:
+            raise ValueError("--test-identities and --test-poses must be >= 2 (a test triplet needs two of each)")
+        if self.poses < 2:
+            raise ValueError("--poses must be >= 2 (a training pair needs two poses)")
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateConfig:
+    """Parse the command line (no side effects; bad values raise ValueError naming the option)."""
+    return parse_dataclass(GenerateConfig, argv, description=__doc__)
 
 
 def _collides(detector, vertices: np.ndarray) -> bool:
@@ -141,7 +148,7 @@ def _remove_stale_partials(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _existing(out: Path, args: argparse.Namespace) -> bool:
+def _existing(out: Path, args: GenerateConfig) -> bool:
     """True when `out` is a finished dataset made by this generator with the same data arguments.
 
     False when it is a dataset of this generator with other arguments and --overwrite is given.
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> Path:
         return _generate_into(out, args)
 
 
-def _generate_into(out: Path, args: argparse.Namespace) -> Path:
+def _generate_into(out: Path, args: GenerateConfig) -> Path:
     if out.exists() and _existing(out, args):
         if args.preview and not (out / "preview.png").is_file():
             from .datasets import open_dataset
@@ -231,7 +238,7 @@ def _generate_into(out: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def _generate(args: argparse.Namespace, work: Path) -> dict:
+def _generate(args: GenerateConfig, work: Path) -> dict:
     """Write vertices.npy, faces.npy, manifest.json (and preview.png) into `work`; return the manifest."""
     timings = {}
     start = time.perf_counter()
@@ -276,7 +283,7 @@ def _generate(args: argparse.Namespace, work: Path) -> dict:
 
     train_ids, test_ids = list(range(args.identities)), list(range(args.identities, n_ids))
     train_poses, test_poses = list(range(args.poses)), list(range(args.poses, n_poses))
-    arguments = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
+    arguments = {k: v for k, v in asdict(args).items() if k not in ("out", "overwrite")}
     manifest = {
         "generator_version": GENERATOR_VERSION, "anny_version": anny_body.anny_version(),
         "topology": anny_body.TOPOLOGY, "resolution": args.resolution, "num_vertices": int(V),
