@@ -73,6 +73,9 @@ class TrainConfig:
     # "published": Adam with beta1 = 0, beta2 = 0.9, eps = 1e-3 (MAPConNet's GAN-style settings);
     # "adam": torch's defaults, beta1 = 0.9, beta2 = 0.999, eps = 1e-8
     optimizer: str = "published"
+    # clip the gradient's global norm to this before each update (0: no clipping); the norm is
+    # logged in losses.csv either way
+    grad_clip: float = 0.0
     seed: int = 0
     device: str = "cpu"
     workers: int = 0  # DataLoader worker processes
@@ -98,7 +101,8 @@ class TrainConfig:
         """Every option is checked here, when it is parsed, before anything is read or written."""
         check_ranges(self, {**{n: at_least(1) for n in ("batch_size", "pairs_per_epoch", "checkpoint_every",
                                                         "val_every")},
-                            **{n: at_least(0) for n in ("epochs", "max_steps", "stop_after", "val_pairs", "workers")},
+                            **{n: at_least(0) for n in ("epochs", "max_steps", "stop_after", "val_pairs", "workers",
+                                                        "grad_clip")},
                             "lr": POSITIVE, "percentage": ((lambda v: 0 <= v <= 100), "in [0, 100]")})
         if self.percentage < 100 and not self.use_unlabelled:
             raise ValueError(f"--percentage {self.percentage:g} leaves data unlabelled but --use-unlabelled is off; "
@@ -182,7 +186,7 @@ def active_kinds(cfg: TrainConfig, sets: dict) -> list[str]:
 # TrainConfig fields that define what a run learns from: --resume refuses to change them (the
 # others, such as --max-steps, --val-every or --workers, may change between the parts of a run).
 RUN_FIELDS = ("data", "val_data", "stream_resolution", "batch_size", "pairs_per_epoch", "percentage",
-              "use_unlabelled", "lr", "optimizer", "seed", "init")
+              "use_unlabelled", "lr", "optimizer", "grad_clip", "seed", "init")
 
 
 def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where: str) -> None:
@@ -296,9 +300,15 @@ def plot_runs(runs: dict[str, str], path) -> Path:
 
 
 def _append_csv(path: Path, row: dict) -> None:
+    """Append `row`; an existing file keeps its own columns (a run resumed by a newer version that
+    logs more columns stays readable: the new ones are left out of the old file)."""
     new = not path.exists()
+    fields = list(row)
+    if not new:
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f), fields)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -458,9 +468,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
             raise FloatingPointError(f"loss became {total_loss.item()} at step {step} ({kind} step)")
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
         row = {"step": step, "kind": kind, "lr": optimizer.param_groups[0]["lr"], "total": total_loss.item(),
-               **{k: v.item() for k, v in losses.items()}}
+               **{k: v.item() for k, v in losses.items()}, "grad_norm": grad_norm.item()}
         _append_csv(out / "losses.csv", row)
         history.append(row)
         step += 1

@@ -238,3 +238,22 @@ def test_a_step_that_cannot_fit_is_refused_before_anything_is_written(tiny_datas
                                           r"is available; --batch-size \d fits"):
         _run(tiny_dataset, tmp_path / "big", max_steps=1, batch_size=64)
     assert not list((tmp_path / "big").iterdir())  # not even a log
+
+
+def test_gradient_clipping_and_its_log(tiny_dataset, tmp_path):
+    """losses.csv logs the gradient norm of every step; --grad-clip changes the update (the first
+    step's loss is the same, the second's, after a clipped first update, is not)."""
+    free = _run(tiny_dataset, tmp_path / "free", max_steps=2, batch_size=1)["history"]
+    clipped = _run(tiny_dataset, tmp_path / "clip", max_steps=2, batch_size=1, grad_clip=1e-3)["history"]
+    assert all(r["grad_norm"] > 1e-3 for r in free)
+    assert free[0]["total"] == pytest.approx(clipped[0]["total"])  # same start
+    assert free[1]["total"] != pytest.approx(clipped[1]["total"], rel=1e-6)
+    with open(tmp_path / "clip" / "losses.csv") as f:
+        assert "grad_norm" in next(csv.reader(f))
+
+
+def test_a_resumed_log_keeps_its_columns(tmp_path):
+    path = tmp_path / "losses.csv"
+    path.write_text("step,total\n0,1.5\n")
+    train._append_csv(path, {"step": 1, "total": 1.25, "grad_norm": 3.0})
+    assert path.read_text() == "step,total\n0,1.5\n1,1.25\n"
