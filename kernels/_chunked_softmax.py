@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import accumulation_dtype
+
 # 4M scores per block (16 MB in fp32): large enough that the GEMMs run at BLAS speed, small
 # enough that the 3-4 live block buffers of the backward stay under ~64 MB.
 BLOCK_PAIRS = 1 << 22
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_blocks(n: int, m: int):
@@ -125,17 +123,17 @@ def _cast(dtype, *tensors):
 
 
 def lse(q, k, scale, bias):
-    dtype = _compute_dtype(q.dtype)
+    dtype = accumulation_dtype(q.dtype)
     return _LSE.apply(*_cast(dtype, q, k, bias), scale).to(q.dtype)
 
 
 def attend(q, k, v, scale, bias):
-    dtype = _compute_dtype(q.dtype)
+    dtype = accumulation_dtype(q.dtype)
     return _Attend.apply(*_cast(dtype, q, k, v, bias), scale).to(q.dtype)
 
 
 def argmax(q, k, scale, bias):
-    q, k, bias = _cast(_compute_dtype(q.dtype), q, k, bias)
+    q, k, bias = _cast(accumulation_dtype(q.dtype), q, k, bias)
     B, N = q.shape[0], q.shape[1]
     idx = torch.empty(B, N, dtype=torch.int64, device=q.device)
     for b in range(B):

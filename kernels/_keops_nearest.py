@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 
 import pykeops
-import torch
 from pykeops.torch import Genred
+
+from ._validate import accumulation_dtype
 
 pykeops.set_verbose(False)  # one line per compiled module otherwise
 
@@ -23,6 +24,6 @@ def _argmin_op() -> Genred:
 
 def nearest_index(x, y):
     """(B, N) int64 index of each x_i's nearest y_j; x (B, N, 3), y (B, M, 3), no gradient."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(x.dtype)
     idx = _argmin_op()(x.to(dtype).contiguous(), y.to(dtype).contiguous(), backend="auto")  # (B, N, 1)
     return idx.squeeze(-1).long()

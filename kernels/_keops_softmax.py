@@ -48,6 +48,8 @@ import pykeops
 import torch
 from pykeops.torch import Genred
 
+from ._validate import accumulation_dtype
+
 pykeops.set_verbose(False)  # one line per compiled module otherwise
 
 MASKED_BIAS = -1e30
@@ -59,10 +61,6 @@ def _bucket(n: int) -> int:
     if n <= 64:
         return max(4, 1 << (n - 1).bit_length())
     return -(-n // 64) * 64
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -207,7 +205,7 @@ class _Attend(torch.autograd.Function):
 
 
 def _cast(q, k, bias):
-    dtype = _compute_dtype(q.dtype)
+    dtype = accumulation_dtype(q.dtype)
     bias = k.new_zeros(k.shape[:2], dtype=dtype) if bias is None else bias.to(dtype)
     return q.to(dtype), k.to(dtype), bias
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._validate import accumulation_dtype
+
 # A program holds a (BLOCK_N, BLOCK_M) tile of distances. 128 x 64 keeps it at 32 fp32 registers
 # per thread with 4 warps; tiny N or M shrink to 16.
 MAX_BLOCK_N = 128
@@ -99,7 +101,7 @@ def _nearest_fwd(x, y):
         y.stride(0), y.stride(1), y.stride(2),
         idx.stride(0), idx.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC=tl.float64 if accumulation_dtype(x.dtype) == torch.float64 else tl.float32,
         num_warps=4,
     )
     return idx

@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._validate import accumulation_dtype
+
 # Block-size caps. BLOCK_N (queries) and BLOCK_M (keys) are 64 on a GPU-sized problem (the usual
 # flash-attention tile; 16 for tiny N or M so the dot shapes stay legal and little is padded).
 # BLOCK_C / BLOCK_D chunk the contractions and the wide outputs.
@@ -69,10 +71,6 @@ def _block(n: int, cap: int) -> int:
     return min(cap, max(MIN_BLOCK, triton.next_power_of_2(n)))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
        torch.float64: tl.float64}
 
@@ -80,7 +78,7 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def _meta(q, k, d=None):
     """Compile-time parameters of a launch: block sizes by shape, dtypes by input dtype."""
     N, M, C = q.shape[1], k.shape[1], q.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     meta = dict(
         BLOCK_N=_block(N, MAX_BLOCK_N), BLOCK_M=_block(M, MAX_BLOCK_M), BLOCK_C=_block(C, MAX_BLOCK_C),
         IN_DTYPE=_TL[q.dtype], ACC=_TL[acc],
@@ -491,7 +489,7 @@ def _softmax_fwd(q, k, v, bias, scale):
     _grid_batch_ok(B)
     D = v.shape[2] if v is not None else 1
     meta = _meta(q, k, D)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     lse_out = torch.empty(B, N, dtype=acc, device=q.device)
     out = torch.zeros(B, N, D, dtype=acc, device=q.device) if v is not None else None
     hi, lo = _scale_pair(scale)
@@ -518,7 +516,7 @@ def _softmax_bwd(q, k, v, bias, scale, lse_saved, rowvec, dout, need_q, need_kvb
     M = k.shape[1]
     D = v.shape[2] if v is not None else 1
     meta = _meta(q, k, D)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     hi, lo = _scale_pair(scale)
     common = dict(HAS_V=v is not None, HAS_BIAS=bias is not None, ONE_C=meta["ONE_C"],
                   BLOCK_N=meta["BLOCK_N"], BLOCK_M=meta["BLOCK_M"], BLOCK_C=meta["BLOCK_C"],

@@ -13,6 +13,12 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes in: float64 for float64 inputs (so gradcheck can run),
+    float32 for float32, float16 and bfloat16 (half-precision sums lose too much)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def as_batched(name: str, t, *, last_dim: int | None = None) -> tuple[torch.Tensor, bool]:
     """Return `t` as a (B, N, C) tensor and whether a batch dim was added.
 
