@@ -87,7 +87,7 @@ class TrainConfig:
     compile: bool = True
     checkpoint_every: int = 100
     val_every: int = 8
-    val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD
+    val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD; 0: none
     resume: bool = False
     # start afresh in an --out that holds a run, deleting that run's files (RUN_FILES, nothing else)
     overwrite: bool = False
@@ -447,6 +447,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
             "rng": ckpt.rng_state()})
 
     def validate():
+        if not cfg.val_pairs:  # --val-pairs 0: no validation, and no val.csv
+            return
         pmd = {name: validation_pmd(model, pairs, device) for name, pairs in val_pairs.items()}
         row = {"step": step, "seconds": round(seconds_before + time.perf_counter() - start, 1)}
         for name, suffix in (("unseen", ""), ("seen", "_seen")):

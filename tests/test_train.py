@@ -257,3 +257,8 @@ def test_a_resumed_log_keeps_its_columns(tmp_path):
     path.write_text("step,total\n0,1.5\n")
     train._append_csv(path, {"step": 1, "total": 1.25, "grad_norm": 3.0})
     assert path.read_text() == "step,total\n0,1.5\n1,1.25\n"
+
+
+def test_no_validation_pairs_means_no_validation(tiny_dataset, tmp_path):
+    _run(tiny_dataset, tmp_path / "quiet", max_steps=1, val_pairs=0)
+    assert (tmp_path / "quiet" / "checkpoint.pt").is_file() and not (tmp_path / "quiet" / "val.csv").exists()
