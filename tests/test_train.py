@@ -21,8 +21,8 @@ TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_w
 
 def _run(tiny_dataset, out, backend="chunked", **kw):
     kw.setdefault("compile", False)  # compilation costs a minute; test_compiled_step_matches_eager covers it
-    cfg = train.TrainConfig(data=str(tiny_dataset), out=str(out), val_every=100, val_pairs=1,
-                            checkpoint_every=100, **kw)
+    cfg = train.TrainConfig(data=str(tiny_dataset), out=str(out), **{"val_every": 100, "val_pairs": 1,
+                                                                     "checkpoint_every": 100, **kw})
     return train.main(cfg, ModelConfig(**TINY, backend=backend))
 
 
