@@ -50,6 +50,19 @@ def check_device(device: str) -> None:
                          "use --device cpu")
 
 
+def check_backend(backend: str, device: str) -> None:
+    """Raise ValueError now, not at the first forward, when kernels backend `backend` cannot run
+    on `device` (triton without CUDA or the interpreter, keops without a compiler, a typo)."""
+    import torch
+
+    import kernels
+
+    try:
+        kernels.dispatch.resolve("softmax", backend, torch.device(device), 1)
+    except ValueError as e:
+        raise ValueError(f"--backend {backend}: {e}") from None
+
+
 def run_command(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
     """Run `main(argv)` (default: sys.argv[1:]) as a command. A user error (USER_ERRORS) prints
     `error: <message>` on one line to stderr and exits with status 2, like argparse's own errors;

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import kernels
 from mapconnet import render
 from mapconnet.checkpoint import load_model, resolve
-from mapconnet.cli import at_least, check_device, check_ranges, parse_dataclass, run_command
+from mapconnet.cli import at_least, check_backend, check_device, check_ranges, parse_dataclass, run_command
 from mapconnet.data import TestPairs, open_dataset
 from mapconnet.files import sha256, write_text
 from mapconnet.meshio import save_mesh
@@ -62,6 +62,7 @@ class EvalConfig:
             raise ValueError(f"--list must be unseen, seen or all, got {self.list!r}")
         check_ranges(self, {"max_pairs": at_least(0), "pictures": at_least(0), "batch_size": at_least(1)})
         check_device(self.device)
+        check_backend(self.backend, self.device)
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:

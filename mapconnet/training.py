@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import kernels
 from mapconnet import checkpoint as ckpt
-from mapconnet.cli import POSITIVE, at_least, check_device, check_ranges
+from mapconnet.cli import POSITIVE, at_least, check_backend, check_device, check_ranges
 from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
 from mapconnet.data.stream import BodyStream
 from mapconnet.evaluation import candidates, centred
@@ -383,6 +383,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
     """Train as described in the module docstring, holding OUT/.lock so that no other training
     writes into OUT meanwhile. Returns {"step", "history" (one dict per step of this run), "out" (Path)}."""
     model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
+    check_backend(model_cfg.backend, cfg.device)
     dataset, val_dataset = _open_data(cfg)
     out = Path(cfg.out)
     with folder_lock(out, "training"):

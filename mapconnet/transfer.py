@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mapconnet.checkpoint import load_model
-from mapconnet.cli import check_device, parse_dataclass, run_command
+from mapconnet.cli import check_backend, check_device, parse_dataclass, run_command
 from mapconnet.meshio import MESH_SUFFIXES, load_mesh, save_mesh
 from mapconnet.resources import available_memory
 
@@ -160,6 +160,7 @@ class TransferConfig:
         if self.up not in ("auto", *UP_ROTATIONS):
             raise ValueError(f"--up must be auto, z or y, got {self.up!r}")
         check_device(self.device)
+        check_backend(self.backend, self.device)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -3,6 +3,7 @@ import csv
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,14 @@ def test_a_resumed_log_keeps_its_columns(tmp_path):
 def test_no_validation_pairs_means_no_validation(tiny_dataset, tmp_path):
     _run(tiny_dataset, tmp_path / "quiet", max_steps=1, val_pairs=0)
     assert (tmp_path / "quiet" / "checkpoint.pt").is_file() and not (tmp_path / "quiet" / "val.csv").exists()
+
+
+def test_a_backend_that_cannot_run_here_is_refused_up_front(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip("triton runs on this machine's GPU")
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train.py"), "--backend", "triton", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --backend triton: backend 'triton' cannot run on cpu")
+    assert not (tmp_path / "run").exists()
