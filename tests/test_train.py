@@ -269,7 +269,8 @@ def test_a_backend_that_cannot_run_here_is_refused_up_front(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     if torch.cuda.is_available():
         pytest.skip("triton runs on this machine's GPU")
-    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train.py"), "--backend", "triton", "--out", str(tmp_path / "run")],
+    train_py = str(Path(__file__).parents[1] / "train.py")
+    done = subprocess.run([sys.executable, train_py, "--backend", "triton", "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2
     assert done.stderr.startswith("error: --backend triton: backend 'triton' cannot run on cpu")
