@@ -9,12 +9,15 @@ dense-vs-streaming crossover data it is set from.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
+
+from mapconnet.cli import parse_dataclass
+from mapconnet.files import write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = ("torch", "chunked", "keops", "triton", "kdtree")
@@ -480,17 +483,19 @@ def render(rows, plot_names, plot_rel):
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class ReportConfig:
+    results: str = field(default=os.path.join(HERE, "results"), metadata={"help": "folder of benchmark JSON"})
+    out: str = field(default=os.path.join(HERE, "RESULTS.md"), metadata={"help": "the report to write"})
+    plots: str = field(default=os.path.join(HERE, "plots"), metadata={"help": "folder for the plots"})
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=os.path.join(HERE, "results"))
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
-    ap.add_argument("--plots", default=os.path.join(HERE, "plots"))
-    args = ap.parse_args(argv)
+    args = parse_dataclass(ReportConfig, argv, description=__doc__)
     rows = load(args.results)
     names = plots(index(rows), args.plots)
     rel = os.path.relpath(args.plots, os.path.dirname(os.path.abspath(args.out)))
-    with open(args.out, "w") as f:
-        f.write(render(rows, names, rel))
+    write_text(args.out, render(rows, names, rel))
     print(f"wrote {args.out} ({len(rows)} results, {len(names)} plots in {args.plots})")
 
 

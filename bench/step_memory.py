@@ -13,12 +13,13 @@ The table "How large a mesh trains" in README.md comes from this command.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import time
+from dataclasses import dataclass, field
 
 import torch
 
+from mapconnet.cli import POSITIVE, at_least, check_ranges, parse_dataclass, run_command
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
 from mapconnet.objective import supervised_losses, weighted_total
@@ -50,16 +51,20 @@ def random_training_step(backend: str, n: int, batch: int, *, m: int | None = No
     return optimizer, step
 
 
+@dataclass
+class StepMemoryConfig:
+    vertices: int = field(metadata={"help": "mesh size N (identity = pose = target)"})
+    backend: str = field(default="chunked", metadata={"help": "kernels backend: auto, torch, chunked, keops"})
+    batch: int = 2
+    limit_gib: float = field(default=20.0, metadata={"help": "address-space cap for the step"})
+    checkpoint_decoder: bool = field(default=False, metadata={"help": "recompute decoder stages in backward"})
+
+    def __post_init__(self):
+        check_ranges(self, {"vertices": at_least(3), "batch": at_least(1), "limit_gib": POSITIVE})
+
+
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="chunked", help="kernels backend: auto, torch, chunked, keops")
-    parser.add_argument("--vertices", type=int, required=True, help="mesh size N (identity = pose = target)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--limit-gib", type=float, default=20.0, help="address-space cap for the step")
-    parser.add_argument("--checkpoint-decoder", action="store_true", help="recompute decoder stages in backward")
-    args = parser.parse_args(argv)
-    if args.vertices < 3 or args.batch < 1 or args.limit_gib <= 0:
-        parser.error("--vertices must be >= 3, --batch >= 1 and --limit-gib > 0")
+    args = parse_dataclass(StepMemoryConfig, argv, description=__doc__)
 
     n, b = args.vertices, args.batch
     _, step = random_training_step(args.backend, n, b, checkpoint_decoder=args.checkpoint_decoder)
@@ -80,4 +85,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
