@@ -48,8 +48,7 @@ from mapconnet.resources import available_memory, training_step_bytes
 
 STREAM = "stream"  # --data value for fresh anny bodies
 DEMO_DATA = "data/demo"
-DEMO_DATA_ARGS = ["--identities", "8", "--poses", "32", "--test-identities", "4", "--test-poses", "8",
-                  "--seed", "0", "--resolution", "lite", "--test-pairs", "64", "--preview"]
+DEMO_DATA_ARGS = ["--preset", "demo", "--seed", "0", "--resolution", "lite", "--preview"]
 
 
 OPTIMIZERS = {"published": {"betas": (0.0, 0.9), "eps": 1e-3}, "adam": {"betas": (0.9, 0.999), "eps": 1e-8}}
@@ -89,6 +88,9 @@ class TrainConfig:
     val_every: int = 8
     val_pairs: int = 4  # held-out test pairs of each list ("unseen" and "seen") for the validation PMD; 0: none
     resume: bool = False
+    # resume even though data, sampling, optimiser or loss settings differ from the checkpoint's
+    # (the architecture must still match): the run is then no longer one run, say so where you report it
+    force_resume: bool = False
     # start afresh in an --out that holds a run, deleting that run's files (RUN_FILES, nothing else)
     overwrite: bool = False
     # start from the weights of this checkpoint ("pretrained" names the shipped model) with a fresh
@@ -200,7 +202,7 @@ def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where:
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, given {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{where} belongs to a run with other settings ({listed}); resume with the run's own "
-                         "settings, or train into a new --out")
+                         "settings, train into a new --out, or pass --force-resume to continue it anyway")
 
 
 def compile_for_training(model: MAPConNet) -> None:
@@ -413,7 +415,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
                              "folder of an earlier run (or leave out --resume to start afresh)")
         payload = ckpt.load(out / "checkpoint.pt")
         ckpt.check_compatible(payload, model_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
-        check_same_run(payload, cfg, loss_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
+        if not cfg.force_resume:
+            check_same_run(payload, cfg, loss_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         step = payload["step"]

@@ -150,6 +150,9 @@ def test_errors(tiny_dataset, tmp_path):
                                          r"given 0.001; --tau: checkpoint 0.07, given 0.1\)"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "r"), max_steps=2, resume=True,
                                      lr=1e-3, compile=False), ModelConfig(**TINY), LossConfig(tau=0.1))
+    forced = train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "r"), max_steps=2, resume=True,
+                                          force_resume=True, lr=1e-3, compile=False), ModelConfig(**TINY))
+    assert forced["step"] == 2 and forced["history"][0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         ModelConfig(backend="gpu")
     with pytest.raises(ValueError, match="--bf16 autocast is for CUDA"):
