@@ -116,3 +116,16 @@ def test_options_are_checked_when_parsed(argv, message, tmp_path, capsys):
         evaluate.cli(["--out", str(tmp_path / "eval"), *argv])
     assert done.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_transfer_check_backends_agree(tiny_dataset, tiny_checkpoint, tmp_path):
+    """bench.transfer_check evaluates one checkpoint per resolution and backend; torch (dense) and
+    chunked (streamed) give the same PMD to 1e-5 relative."""
+    from bench import transfer_check
+
+    (tmp_path / "set-lite").symlink_to(tiny_dataset, target_is_directory=True)
+    summary = transfer_check.main(["--checkpoint", str(tiny_checkpoint), "--data-prefix", str(tmp_path / "set"),
+                                   "--pairs", "2", "--out", str(tmp_path / "check")])
+    assert set(summary["results"]) == {"lite/torch", "lite/chunked"}  # smpl and full: no dataset, skipped
+    assert summary["backend_spread"]["lite"] < 1e-5
+    assert (tmp_path / "check" / "transfer-check.json").is_file()
