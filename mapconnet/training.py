@@ -265,7 +265,8 @@ def plot_curves(out: Path) -> None:
     for column, label, style in curves:
         if val and column in val[0]:
             axes[1].plot([int(r["step"]) for r in val], [float(r[column]) * 1e4 for r in val], style, ms=3, label=label)
-    axes[1].legend(fontsize=8)
+    if val:
+        axes[1].legend(fontsize=8)
     axes[1].set_yscale("log")  # the untrained model's step-0 value is far above the trained ones
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("PMD (x 1e-4)")

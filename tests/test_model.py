@@ -116,7 +116,7 @@ def test_encoder_context_reads_the_neighbourhood_and_the_whole_body():
         assert not torch.allclose(local(moved)[0, 0], local(x)[0, 0])
     whole = MAPConNet(ModelConfig(**TINY, encoder_global=True)).encoder
     assert whole.fc3.in_features == 32  # per-vertex and max-pooled halves
-    with pytest.raises(ValueError, match="encoder_neighbours must be >= 0"):
+    with pytest.raises(ValueError, match="--encoder-neighbours must be >= 0, got -1"):
         ModelConfig(encoder_neighbours=-1)
 
 
