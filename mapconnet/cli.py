@@ -34,6 +34,11 @@ def at_least(low: float) -> tuple[Callable[[object], bool], str]:
     return (lambda v: math.isfinite(v) and v >= low), f">= {low:g}"
 
 
+def one_of(choices) -> tuple[Callable[[object], bool], str]:
+    choices = list(choices)
+    return (lambda v: v in choices), f"one of {choices}"
+
+
 POSITIVE = ((lambda v: math.isfinite(v) and v > 0), "a finite number > 0")
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import kernels
 from mapconnet import checkpoint as ckpt
-from mapconnet.cli import POSITIVE, at_least, check_backend, check_device, check_ranges
+from mapconnet.cli import POSITIVE, at_least, check_backend, check_device, check_ranges, one_of
 from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
 from mapconnet.data.stream import BodyStream
 from mapconnet.evaluation import candidates, centred
@@ -106,14 +106,13 @@ class TrainConfig:
                                                         "val_every")},
                             **{n: at_least(0) for n in ("epochs", "max_steps", "stop_after", "val_pairs", "workers",
                                                         "grad_clip")},
-                            "lr": POSITIVE, "percentage": ((lambda v: 0 <= v <= 100), "in [0, 100]")})
+                            "lr": POSITIVE, "percentage": ((lambda v: 0 <= v <= 100), "in [0, 100]"),
+                            "optimizer": one_of(OPTIMIZERS)})
         if self.percentage < 100 and not self.use_unlabelled:
             raise ValueError(f"--percentage {self.percentage:g} leaves data unlabelled but --use-unlabelled is off; "
                              "pass --use-unlabelled (or --percentage 100 for supervised training)")
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("need --epochs >= 1 or --max-steps >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         check_device(self.device)
         if self.bf16 and not self.device.startswith("cuda"):
             raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mapconnet.cli import at_least, check_ranges, parse_dataclass, run_command
+from mapconnet.cli import at_least, check_ranges, one_of, parse_dataclass, run_command
 from mapconnet.files import folder_lock, sha256, write_text
 
 from . import anny_body
@@ -73,10 +73,7 @@ class GenerateConfig:
         "help": "replace an existing dataset folder of this generator (never a folder with other files)"})
 
     def __post_init__(self):
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.resolution not in RESOLUTIONS:
-            raise ValueError(f"--resolution must be one of {list(RESOLUTIONS)}, got {self.resolution!r}")
+        check_ranges(self, {"preset": one_of([None, *PRESETS]), "resolution": one_of(RESOLUTIONS)})
         for name, default in zip(SIZE_FLAGS, PRESETS[self.preset] if self.preset else DEFAULTS):
             if getattr(self, name) is None:
                 setattr(self, name, default)
