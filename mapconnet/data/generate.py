@@ -1,4 +1,4 @@
-"""Generate a pose-transfer dataset from the anny body model.
+"""Generate a pose-transfer dataset from the anny body model (or the procedural quadruped).
 
     python -m mapconnet.data.generate --out data/demo --identities 8 --poses 32 \\
         --test-identities 4 --test-poses 8 --seed 0 --resolution lite --test-pairs 64 --preview
@@ -15,6 +15,16 @@ The same seed and arguments give byte-identical vertices (on the same machine an
 Sizes: `--preset demo` (the command above; a couple of minutes on 2 cores), `--preset published`
 (16 x 400 train, 14 identities x 200 poses test, 400 test pairs: the published SMPL shape) and
 `--preset large` (30 x 800). Explicit size flags override the preset.
+
+Animals (`--species quadruped`, docs/DESIGN.md "Animal mode"): the same folder layout from
+`mapconnet.data.quadruped`, identities drawn in turn from the families of `--family` (default all:
+cat, dog, horse, cow, hippo), at the template's own resolution `smal` (3,889 vertices). The
+presets are species-aware: with `--species quadruped`, `--preset published` is the published SMAL
+shape (29 x 400 train, 12 identities x 200 poses test, 400 test pairs), `demo` is 10 x 32 and
+5 x 8, `large` 60 x 800 and 12 x 200. Every quadruped pose is checked for self-intersection
+(bone capsules) on every identity of the set, so --collision-identities applies to humans only.
+
+    python -m mapconnet.data.generate --species quadruped --preset published --out data/published-animal
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ from tqdm import tqdm
 from mapconnet.cli import at_least, check_ranges, one_of, parse_dataclass, run_command
 from mapconnet.files import folder_lock, sha256, write_text
 
-from . import anny_body
+from . import anny_body, quadruped
 from .resolution import RESOLUTIONS, apply_map, resolution_map
 
 GENERATOR_VERSION = "2"  # bump whenever the same arguments would give different data
@@ -45,10 +55,18 @@ PRESETS = {
     "published": (16, 400, 14, 200, 400),  # the shape of the published SMPL set
     "large": (30, 800, 14, 200, 400),
 }
+ANIMAL_PRESETS = {  # the same names for --species quadruped
+    "demo": (10, 32, 5, 8, 64),  # two of each family for training, one for test
+    "published": (29, 400, 12, 200, 400),  # the shape of the published SMAL set
+    "large": (60, 800, 12, 200, 400),
+}
 SIZE_FLAGS = ("identities", "poses", "test_identities", "test_poses", "test_pairs")
 DEFAULTS = (8, 32, 4, 8, 400)
 # Arguments that change the data; a finished folder made with the same ones is reused.
-DATA_ARGUMENTS = SIZE_FLAGS + ("seed", "resolution", "collision_identities")
+DATA_ARGUMENTS = SIZE_FLAGS + ("seed", "resolution", "collision_identities", "species", "family")
+# Values of data arguments added later, for manifests written before them (human data, all families).
+LEGACY_ARGUMENTS = {"species": "human", "family": quadruped.FAMILY_ALL}
+DEFAULT_RESOLUTION = {"human": "smpl", "quadruped": quadruped.RESOLUTION}
 DATASET_FILES = ("vertices.npy", "faces.npy", "manifest.json", "preview.png")  # all a dataset folder holds
 
 
@@ -64,8 +82,14 @@ class GenerateConfig:
     test_poses: int | None = field(default=None, metadata={"help": f"unseen test poses (else {DEFAULTS[3]})"})
     test_pairs: int | None = field(default=None, metadata={"help": f"triplets in each test list (else {DEFAULTS[4]})"})
     seed: int = 0
-    resolution: str = field(default="smpl", metadata={
-        "help": "vertex count of every mesh: lite 1,723; smpl 6,890; full 13,348; x4 ~53k; x16 ~213k"})
+    species: str = field(default="human", metadata={
+        "help": f"body model, one of {list(quadruped.SPECIES)}: anny people or the procedural quadruped"})
+    family: str = field(default=quadruped.FAMILY_ALL, metadata={
+        "help": f"quadruped families drawn in turn: {quadruped.FAMILY_ALL!r} or a comma-separated subset of "
+                f"{list(quadruped.FAMILIES)}"})
+    resolution: str | None = field(default=None, metadata={
+        "help": "vertex count of every mesh: humans lite 1,723; smpl 6,890 (default); full 13,348; x4 ~53k; "
+                "x16 ~213k; quadrupeds smal 3,889 (their only one)"})
     collision_identities: int = field(default=3, metadata={
         "help": "a pose is kept only if collision-free on this many of the heaviest training identities"})
     preview: bool = field(default=False, metadata={"help": "render a grid of sampled bodies to DIR/preview.png"})
@@ -73,8 +97,22 @@ class GenerateConfig:
         "help": "replace an existing dataset folder of this generator (never a folder with other files)"})
 
     def __post_init__(self):
-        check_ranges(self, {"preset": one_of([None, *PRESETS]), "resolution": one_of(RESOLUTIONS)})
-        for name, default in zip(SIZE_FLAGS, PRESETS[self.preset] if self.preset else DEFAULTS):
+        quadruped.check_species(self.species)
+        animal = self.species == "quadruped"
+        if self.resolution is None:
+            self.resolution = DEFAULT_RESOLUTION[self.species]
+        if animal and self.resolution != quadruped.RESOLUTION:
+            raise ValueError(f"--resolution for --species quadruped must be {quadruped.RESOLUTION!r} (the template's "
+                             f"own {quadruped.NUM_VERTICES:,} vertices), got {self.resolution!r}; "
+                             f"{sorted(RESOLUTIONS)} are resolutions of the human model")
+        if not animal:
+            check_ranges(self, {"resolution": one_of(RESOLUTIONS)})
+            if self.family != quadruped.FAMILY_ALL:
+                raise ValueError(f"--family {self.family!r} applies to --species quadruped only")
+        quadruped.family_names(self.family)
+        presets = ANIMAL_PRESETS if animal else PRESETS
+        check_ranges(self, {"preset": one_of([None, *presets])})
+        for name, default in zip(SIZE_FLAGS, presets[self.preset] if self.preset else DEFAULTS):
             if getattr(self, name) is None:
                 setattr(self, name, default)
         check_ranges(self, {name: at_least(1) for name in SIZE_FLAGS + ("collision_identities",)})
@@ -156,6 +194,7 @@ def _existing(out: Path, args: GenerateConfig) -> bool:
     try:
         manifest = json.loads(manifest_path.read_text())
         old = manifest["arguments"]
+        old = {**LEGACY_ARGUMENTS, **old}
         same = manifest["generator_version"] == GENERATOR_VERSION and all(
             old.get(k) == getattr(args, k) for k in DATA_ARGUMENTS)
     except (OSError, ValueError, KeyError, TypeError):
@@ -177,8 +216,11 @@ def _existing(out: Path, args: GenerateConfig) -> bool:
 
 
 def _preview(out_png: Path, vertices: np.ndarray, faces: np.ndarray, resolution: str, template_faces) -> None:
-    from .preview import render_preview
+    from .preview import render_animal_preview, render_preview
 
+    if resolution == quadruped.RESOLUTION:
+        render_animal_preview(vertices, faces, out_png)
+        return
     if resolution in ("x4", "x16"):
         # Subdivision keeps the template's vertices first and unchanged: draw those with the
         # template's faces (matplotlib cannot draw 400k triangles per panel in reasonable time).
@@ -209,8 +251,8 @@ def _generate_into(out: Path, args: GenerateConfig) -> Path:
             from .datasets import open_dataset
 
             ds = open_dataset(out)
-            model = anny_body.load_model()
-            _preview(out / "preview.png", ds.vertices, ds.faces, args.resolution, model.faces.numpy())
+            template_faces = ds.faces if args.species == "quadruped" else anny_body.load_model().faces.numpy()
+            _preview(out / "preview.png", ds.vertices, ds.faces, args.resolution, template_faces)
         print(f"{out} already holds this dataset (same arguments); nothing to do")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,12 +273,15 @@ def _generate_into(out: Path, args: GenerateConfig) -> Path:
     print(f"wrote {out}: {manifest['num_identities']} identities x {manifest['num_poses']} poses x "
           f"{manifest['num_vertices']} vertices in {manifest['seconds']['total']} s; pose rejection "
           f"rate {r['pose_rejection_rate']:.1%} ({r['poses_collision']} of "
-          f"{r['poses_collision'] + manifest['num_poses']}); identity (BMI) rejections {r['identities_bmi']}")
+          f"{r['poses_collision'] + manifest['num_poses']})"
+          + (f"; identity (BMI) rejections {r['identities_bmi']}" if "identities_bmi" in r else ""))
     return out
 
 
 def _generate(args: GenerateConfig, work: Path) -> dict:
     """Write vertices.npy, faces.npy, manifest.json (and preview.png) into `work`; return the manifest."""
+    if args.species == "quadruped":
+        return _generate_quadruped(args, work)
     timings = {}
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -301,6 +346,93 @@ def _generate(args: GenerateConfig, work: Path) -> dict:
     if args.preview:
         t = time.perf_counter()
         _preview(work / "preview.png", vertices, faces, args.resolution, template_faces)
+        timings["preview"] = round(time.perf_counter() - t, 2)
+    timings["total"] = round(time.perf_counter() - start, 2)
+    manifest["seconds"] = timings
+    write_text(work / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    del vertices
+    return manifest
+
+
+
+ANIMAL_POSE_BATCH = 64  # candidate poses tested together (the kept sequence does not depend on it)
+
+
+def sample_animal_poses(model, sampler, count: int, rng, shapes: np.ndarray) -> tuple[np.ndarray, int]:
+    """`count` quadruped poses, each free of self-intersection on every identity of `shapes` (I, K).
+
+    Returns ((count, J, 3) float64 angles in degrees, number rejected)."""
+    kept, rejected = [], 0
+    with tqdm(total=count, desc="sampling poses", unit="pose") as bar:
+        while len(kept) < count:
+            candidates = np.stack([sampler.sample(rng) for _ in range(ANIMAL_POSE_BATCH)])
+            collides = model.collisions(shapes, candidates).any(0)  # (batch,)
+            for pose, bad in zip(candidates, collides):
+                if len(kept) == count:
+                    break
+                if bad:
+                    rejected += 1
+                else:
+                    kept.append(pose)
+                    bar.update(1)
+    return np.stack(kept), rejected
+
+
+def _generate_quadruped(args: GenerateConfig, work: Path) -> dict:
+    """The quadruped counterpart of `_generate` (same files and manifest keys where they apply)."""
+    timings = {}
+    start = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    model = quadruped.load_model()
+    timings["template"] = round(time.perf_counter() - t, 2)
+
+    names = quadruped.family_names(args.family)
+    # families in turn within each split, so training and test both cover every family
+    families = [names[i % len(names)] for i in range(args.identities)] + \
+        [names[i % len(names)] for i in range(args.test_identities)]
+    shapes = quadruped.sample_identities(families, rng)
+    n_ids, n_poses = len(shapes), args.poses + args.test_poses
+    t = time.perf_counter()
+    poses, pose_rejected = sample_animal_poses(model, quadruped.PoseSampler(), n_poses, rng, shapes)
+    timings["sampling_poses"] = round(time.perf_counter() - t, 2)
+
+    t = time.perf_counter()
+    V, faces = model.num_vertices, model.faces
+    vertices = np.lib.format.open_memmap(work / "vertices.npy", mode="w+", dtype=np.float32,
+                                         shape=(n_ids, n_poses, V, 3))
+    with tqdm(total=n_ids * n_poses, desc=f"meshes ({args.resolution}, {V} vertices)", unit="mesh") as bar:
+        for i in range(n_ids):
+            vertices[i] = model.posed_vertices(shapes[i:i + 1], poses)[0]
+            bar.update(n_poses)
+    vertices.flush()
+    np.save(work / "faces.npy", faces.astype(np.int64))
+    timings["meshes"] = round(time.perf_counter() - t, 2)
+
+    train_ids, test_ids = list(range(args.identities)), list(range(args.identities, n_ids))
+    train_poses, test_poses = list(range(args.poses)), list(range(args.poses, n_poses))
+    arguments = {k: v for k, v in asdict(args).items() if k not in ("out", "overwrite")}
+    manifest = {
+        "generator_version": GENERATOR_VERSION, "species": "quadruped",
+        "quadruped_version": quadruped.MODEL_VERSION, "resolution": args.resolution, "num_vertices": int(V),
+        "num_faces": int(len(faces)), "num_identities": n_ids, "num_poses": n_poses,
+        "seed": args.seed, "arguments": arguments,
+        "shape_labels": list(quadruped.SHAPE_LABELS), "shapes": shapes.round(6).tolist(), "families": families,
+        "pose_joints": list(quadruped.JOINTS),
+        "pose_parameters_note": "per joint (pitch about X, roll about Y, yaw about Z) in degrees, R = Rz Ry Rx in "
+                                "the joint's world-aligned rest frame (mapconnet.data.quadruped), rounded to 1e-4",
+        "pose_parameters": poses.round(4).tolist(),
+        "train_identities": train_ids, "test_identities": test_ids,
+        "train_poses": train_poses, "test_poses": test_poses,
+        "test_lists": test_lists(rng, train_ids, test_ids, test_poses, args.test_pairs),
+        "rejections": {"poses_collision": pose_rejected,
+                       "pose_rejection_rate": pose_rejected / (pose_rejected + n_poses)},
+        "sha256": {name: sha256(work / name) for name in ("vertices.npy", "faces.npy")},
+    }
+    if args.preview:
+        t = time.perf_counter()
+        _preview(work / "preview.png", vertices, faces, args.resolution, faces)
         timings["preview"] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - start, 2)
     manifest["seconds"] = timings

@@ -20,3 +20,23 @@ def render_preview(vertices: np.ndarray, faces: np.ndarray, path, columns: int =
             draw_mesh(ax, np.asarray(vertices[i, i]), faces, view=view)
             ax.set_title(f"identity {i}, pose {i}" if row == 0 else "side", fontsize=8)
     return save_figure(fig, path)
+
+
+def render_animal_preview(vertices: np.ndarray, faces: np.ndarray, path, panels: int = 10, columns: int = 5):
+    """Grid of animals seen from the front left and a little above: panel k shows identity k in
+    pose k * (P // panels), so the panels differ in both body and pose.
+
+    Args: vertices (I, P, V, 3) (the model's frame: Z up, head toward -Y); faces (F, 3); path: PNG.
+    """
+    n = min(panels, vertices.shape[0])
+    step = max(1, vertices.shape[1] // n)
+    rows = -(-n // columns)
+    fig = plt.figure(figsize=(3.0 * min(n, columns), 2.6 * rows))
+    for k in range(n):
+        ax = fig.add_subplot(rows, min(n, columns), k + 1, projection="3d")
+        pose = (k * step) % vertices.shape[1]
+        draw_mesh(ax, np.asarray(vertices[k, pose]), faces)
+        ax.view_init(elev=12, azim=-35)
+        ax.set_title(f"identity {k}, pose {pose}", fontsize=8)
+    fig.subplots_adjust(wspace=0, hspace=0, left=0, right=1, bottom=0, top=0.95)
+    return save_figure(fig, path)
