@@ -463,7 +463,8 @@ def skinning_weights(points: np.ndarray) -> np.ndarray:
     radius = RADII[None, :, 0] + t * (RADII[None, :, 1] - RADII[None, :, 0])
     logits = -distance / radius / SKIN_TEMPERATURE
     w = np.exp(logits - logits.max(1, keepdims=True))
-    w[w < np.sort(w, axis=1)[:, -SKIN_BONES][:, None]] = 0.0
+    dropped = np.argsort(-w, axis=1, kind="stable")[:, SKIN_BONES:]  # exactly SKIN_BONES kept, ties too
+    np.put_along_axis(w, dropped, 0.0, axis=1)
     return w / w.sum(1, keepdims=True)
 
 

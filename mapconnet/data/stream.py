@@ -8,6 +8,10 @@ generator's phenotype sampler, BMI-checked) and two or three poses (the anatomic
 poses them with anny, maps them to the stream's resolution, centres and shuffles them exactly as
 `mapconnet.data.datasets` does. Unlike the generator, poses are not checked for self-intersection
 (that test costs 25-85 ms per mesh); the pose ranges keep most of them collision-free.
+
+`species="quadruped"` streams animals of `mapconnet.data.quadruped` instead, at its one resolution
+`smal` (3,889 vertices): each item draws two identities (each from a random family) and poses
+that pass the model's capsule self-intersection test on both (cheap, so they are checked).
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from . import anny_body
+from . import anny_body, quadruped
 from .datasets import bbox_centred, shuffled_item
 from .resolution import RESOLUTIONS, apply_map, resolution_map
 
 STREAM_KINDS = ("labelled", "unlabelled")
 CANDIDATES = 3  # phenotypes drawn per item for the two people (the BMI check rejects a few)
+ANIMAL_POSE_TRIES = 100  # candidate poses per animal pose; the last is kept if none passes (never seen)
+STREAM_RESOLUTIONS = {"human": "lite", "quadruped": quadruped.RESOLUTION}  # the default of each species
 
 
 class BodyStream(torch.utils.data.Dataset):
@@ -34,19 +40,23 @@ class BodyStream(torch.utils.data.Dataset):
     without grid indices.
     """
 
-    def __init__(self, kind: str = "labelled", resolution: str = "lite", seed: int = 0):
+    def __init__(self, kind: str = "labelled", resolution: str = "lite", seed: int = 0, species: str = "human"):
         if kind not in STREAM_KINDS:
             raise ValueError(f"stream kind must be one of {STREAM_KINDS}, got {kind!r}")
-        if resolution not in RESOLUTIONS:
+        quadruped.check_species(species, "stream species")
+        if species == "quadruped" and resolution != quadruped.RESOLUTION:
+            raise ValueError(f"a quadruped stream has one resolution, {quadruped.RESOLUTION!r} (the template's own "
+                             f"{quadruped.NUM_VERTICES:,} vertices), got {resolution!r}")
+        if species == "human" and resolution not in RESOLUTIONS:
             raise ValueError(f"stream resolution must be one of {sorted(RESOLUTIONS)}, got {resolution!r}")
-        self.kind, self.resolution, self.seed = kind, resolution, int(seed)
+        self.kind, self.resolution, self.seed, self.species = kind, resolution, int(seed), species
 
     def __getstate__(self):  # DataLoader workers rebuild the anny model instead of pickling it
         return {k: v for k, v in self.__dict__.items() if k not in ("_model", "_sampler", "_map")}
 
     @cached_property
     def _model(self):
-        return anny_body.load_model()
+        return quadruped.load_model() if self.species == "quadruped" else anny_body.load_model()
 
     @cached_property
     def _sampler(self):
@@ -54,8 +64,10 @@ class BodyStream(torch.utils.data.Dataset):
 
     @cached_property
     def _map(self):
-        """(W, faces) of the stream's resolution (W None at `full`)."""
+        """(W, faces) of the stream's resolution (W None at `full` and for quadrupeds)."""
         model = self._model
+        if self.species == "quadruped":
+            return None, model.faces
         neutral = np.full((1, len(anny_body.PHENOTYPES)), 0.5, dtype=np.float32)
         rest = anny_body.posed_vertices(model, neutral, np.eye(4, dtype=np.float32)[None, None].repeat(104, 1))
         tag = f"anny{anny_body.anny_version()}-{anny_body.TOPOLOGY}"
@@ -83,6 +95,8 @@ class BodyStream(torch.utils.data.Dataset):
             raise IndexError(f"stream indices must be >= 0, got {list(indices)}")
         labelled = self.kind == "labelled"
         rngs = [np.random.default_rng([self.seed, 0x5EED, int(g)]) for g in indices]
+        if self.species == "quadruped":
+            return [self._animal_item(rng, labelled) for rng in rngs]
         people = self._people(rngs)  # (2, 6) per item: persons a and b
         poses = [np.stack([self._sampler.sample(rng) for _ in range(2 if labelled else 3)]) for rng in rngs]
         # (phenotype, pose) of every mesh: a in p (and q, the ground truth); b in q (and r, P2),
@@ -100,6 +114,27 @@ class BodyStream(torch.utils.data.Dataset):
             else:  # identity (a, p), pose (b, q), P2 (b, r)
                 items.append(shuffled_item(rng, faces, identity, first, extra_pose_meshes={"pose2": second}))
         return items
+
+    def _animal_item(self, rng: np.random.Generator, labelled: bool) -> dict:
+        """One item of two animals a, b (families drawn at random) in poses that pass the
+        self-intersection test on both; the same layout as the human items."""
+        model, families = self._model, list(quadruped.FAMILIES)
+        shapes = quadruped.sample_identities([families[i] for i in rng.integers(len(families), size=2)], rng)
+        sampler = quadruped.PoseSampler()
+        poses = []
+        for _ in range(2 if labelled else 3):  # q, p (and r)
+            for _ in range(ANIMAL_POSE_TRIES):
+                pose = sampler.sample(rng)
+                if not model.collisions(shapes, pose[None]).any():
+                    break
+            poses.append(pose)
+        meshes = model.posed_vertices(shapes, np.stack(poses))  # (2, 2 or 3, V, 3)
+        faces = model.faces
+        if labelled:  # identity (a, p), pose (b, q), target (a, q)
+            identity, pose, target = bbox_centred(np.stack([meshes[0, 1], meshes[1, 0], meshes[0, 0]]))
+            return shuffled_item(rng, faces, identity, pose, target=target)
+        identity, pose, pose2 = bbox_centred(np.stack([meshes[0, 1], meshes[1, 0], meshes[1, 2]]))
+        return shuffled_item(rng, faces, identity, pose, extra_pose_meshes={"pose2": pose2})
 
     def _people(self, rngs) -> list[np.ndarray]:
         """Two phenotypes (2, 6) per item: CANDIDATES drawn from each item's generator, checked in
