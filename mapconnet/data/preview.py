@@ -37,6 +37,7 @@ def render_animal_preview(vertices: np.ndarray, faces: np.ndarray, path, panels:
         pose = (k * step) % vertices.shape[1]
         draw_mesh(ax, np.asarray(vertices[k, pose]), faces)
         ax.view_init(elev=12, azim=-35)
+        ax.set_box_aspect((1, 1, 1), zoom=1.5)  # draw_mesh's cube is sized for upright people
         ax.set_title(f"identity {k}, pose {pose}", fontsize=8)
     fig.subplots_adjust(wspace=0, hspace=0, left=0, right=1, bottom=0, top=0.95)
     return save_figure(fig, path)

@@ -1,8 +1,8 @@
 """A procedural quadruped body model: skeleton, template mesh, shape space, poses, skinning.
 
     model = load_model()                                  # built once per process (a few seconds)
-    shapes, families = sample_identities(["cat", "horse"], rng)    # (2, K) shape coefficients
-    angles = PoseSampler().sample(rng)               # (J, 3) joint angles in degrees
+    shapes = sample_identities(["cat", "horse"], rng)     # (2, K) shape coefficients
+    angles = PoseSampler().sample(rng)                    # (J, 3) joint angles in degrees
     meshes = model.posed_vertices(shapes, angles[None])   # (2, 1, V, 3) float32
 
 No SMAL file is needed (or used): the skeleton, the template and every number below are written
@@ -72,7 +72,7 @@ _LEFT_AND_AXIAL = {
     "head": ("neck2", _p(0.60, 0.96), _p(0.71, 0.97), 0.080, 0.068, (0.85, 1, 0.95)),
     "snout": ("head", _p(0.71, 0.97), _p(0.86, 0.925), 0.052, 0.036, (0.85, 1, 0.90)),
     "jaw": ("head", _p(0.64, 0.925), _p(0.83, 0.895), 0.040, 0.022, (0.80, 1, 0.80)),
-    "ear_L": ("head", _p(0.63, 1.015, 0.040), _p(0.61, 1.11, 0.075), 0.034, 0.010, (1, 0.45, 1)),
+    "ear_L": ("head", _p(0.63, 1.015, 0.040), _p(0.61, 1.11, 0.078), 0.044, 0.012, (1, 0.4, 1)),
     "tail1": ("pelvis", _p(-0.47, 0.66), _p(-0.57, 0.63), 0.042, 0.034, (1, 1, 1)),
     "tail2": ("tail1", _p(-0.57, 0.63), _p(-0.66, 0.56), 0.034, 0.028, (1, 1, 1)),
     "tail3": ("tail2", _p(-0.66, 0.56), _p(-0.73, 0.47), 0.028, 0.022, (1, 1, 1)),
@@ -126,8 +126,8 @@ SECTIONS = np.array([_ROWS[n][5] for n in JOINTS], dtype=np.float64)  # (J, 3)
 # that joint's rest head, radii at the ends and a cross-section scale. Left-side pieces are
 # mirrored to the right.
 _FLESH = [
-    ("spine3", (-0.02, -0.07, 0), (0.08, -0.06, 0), 0.120, 0.100, (0.75, 1, 1)),  # chest (brisket)
-    ("spine1", (-0.05, -0.03, 0), (0.20, -0.03, 0), 0.140, 0.150, (0.85, 1, 1)),  # belly and ribs
+    ("spine3", (-0.04, -0.06, 0), (0.08, -0.06, 0), 0.125, 0.100, (0.75, 1, 1)),  # chest (brisket)
+    ("spine1", (-0.20, -0.01, 0), (0.30, -0.03, 0), 0.140, 0.150, (0.82, 1, 1)),  # barrel: belly and ribs
     ("pelvis", (0.00, 0.01, 0), (-0.08, 0.00, 0), 0.115, 0.095, (0.85, 1, 1)),  # rump
     ("snout", (0.00, -0.005, 0), (0.135, -0.04, 0), 0.050, 0.040, (0.95, 1, 0.85)),  # muzzle, nose
     ("head", (-0.03, 0.0, 0), (0.05, 0.015, 0), 0.082, 0.074, (1.0, 1, 0.92)),  # cranium, cheeks
@@ -136,51 +136,61 @@ _FLESH = [
     ("paw_FL", (-0.01, -0.07, 0.0), (0.05, -0.075, 0.0), 0.034, 0.030, (1, 1, 0.8)),  # front foot
     ("paw_HL", (0.02, -0.11, 0.0), (0.08, -0.115, 0.0), 0.034, 0.030, (1, 1, 0.8)),  # hind foot
 ]
-BLEND = 0.03  # smooth-union radius (m): how far flesh pieces fillet into each other
+BLEND = 0.04  # smooth-union radius (m): how far flesh pieces fillet into each other
 
 # ---------------------------------------------------------------- shape space
 
 # Coefficient name: ({joint name prefixes: change of the bone's length per unit}, {prefixes:
-# change of its radius along each world axis (x, y, z) per unit}). A joint's head stays at the
-# same relative place on its parent's bone, so lengths and radii move every child with them.
+# change of its radius along each world axis (x, y, z) per unit}, {prefixes: displacement of the
+# bone's tail (forward, up, left) in metres per unit, which turns the bone: faces pointing down,
+# necks carried low, ears spread sideways}). A joint's head stays at the same relative place on
+# its parent's bone, so lengths, radii and turns move every child with them.
 _TORSO = ("pelvis", "spine")
 _LIMB = ("upper_", "lower_", "paw_")
 _HEAD = ("head", "snout", "jaw", "ear_")
 SHAPES = {
-    "size": ({("",): 1.0}, {("",): (1, 1, 1)}),
-    "body_length": ({_TORSO: 1.0}, {}),
-    "girth": ({("girdle_",): 0.8}, {_TORSO: (1, 1, 1), ("girdle_",): (1, 1, 1), ("neck1",): (0.5, 0.5, 0.5)}),
-    "width": ({}, {_TORSO: (1, 0, 0), ("girdle_",): (0.8, 0, 0)}),
-    "neck_length": ({("neck",): 1.0}, {}),
-    "neck_thickness": ({}, {("neck",): (1, 1, 1), ("head",): (0.3, 0.3, 0.3)}),
-    "head_size": ({_HEAD: 1.0}, {_HEAD: (1, 1, 1)}),
-    "snout_length": ({("snout", "jaw"): 1.0}, {}),
-    "leg_length": ({_LIMB: 1.0}, {}),
-    "leg_thickness": ({}, {_LIMB: (1, 1, 1), ("girdle_",): (0.4, 0.4, 0.4)}),
-    "paw_size": ({}, {("paw_",): (1, 1, 1)}),
-    "tail_length": ({("tail",): 1.0}, {}),
-    "tail_thickness": ({}, {("tail",): (1, 1, 1)}),
-    "ear_size": ({("ear_",): 1.0}, {("ear_",): (1, 1, 1)}),
+    "size": ({("",): 1.0}, {("",): (1, 1, 1)}, {}),
+    "body_length": ({_TORSO: 1.0}, {}, {}),
+    "girth": ({("girdle_",): 0.8}, {_TORSO: (1, 1, 1), ("girdle_",): (1, 1, 1), ("neck1",): (0.5, 0.5, 0.5)}, {}),
+    "width": ({}, {_TORSO: (1, 0, 0), ("girdle_",): (0.8, 0, 0)}, {}),
+    "neck_length": ({("neck",): 1.0}, {}, {}),
+    "neck_thickness": ({}, {("neck",): (1, 1, 1), ("head",): (0.3, 0.3, 0.3)}, {}),
+    "neck_angle": ({}, {}, {("neck",): (0.05, -0.08, 0)}),
+    "head_size": ({_HEAD: 1.0}, {_HEAD: (1, 1, 1)}, {}),
+    "snout_length": ({("snout", "jaw"): 1.0}, {}, {}),
+    "snout_width": ({}, {("snout", "jaw"): (1, 0.3, 0.5)}, {}),
+    "face_angle": ({}, {}, {("head",): (-0.01, -0.03, 0), ("snout", "jaw"): (-0.03, -0.09, 0)}),
+    "leg_length": ({_LIMB: 1.0}, {}, {}),
+    "leg_thickness": ({}, {_LIMB: (1, 1, 1), ("girdle_",): (0.4, 0.4, 0.4)}, {}),
+    "paw_size": ({}, {("paw_",): (1, 1, 1)}, {}),
+    "tail_length": ({("tail",): 1.0}, {}, {}),
+    "tail_thickness": ({}, {("tail",): (1, 1, 1)}, {}),
+    "ear_size": ({("ear_",): 1.0}, {("ear_",): (1, 1, 1)}, {}),
+    "ear_spread": ({}, {}, {("ear_",): (0.0, -0.06, 0.06)}),
 }
 SHAPE_LABELS = tuple(SHAPES)
 SHAPE_RANGE = (-0.6, 1.4)  # every coefficient is clipped to this box
 
 # Family: (mean coefficients by name, others 0; spread: the standard deviation of each coefficient).
 FAMILIES = {
-    "cat": ({"size": -0.15, "body_length": 0.05, "girth": -0.25, "width": -0.05, "neck_length": -0.35,
-             "neck_thickness": -0.1, "head_size": -0.05, "snout_length": -0.55, "leg_length": -0.15,
-             "leg_thickness": -0.3, "paw_size": 0.05, "tail_length": 0.6, "tail_thickness": -0.2,
-             "ear_size": 0.25}, 0.06),
-    "dog": ({"snout_length": 0.1, "tail_length": 0.1, "ear_size": 0.1}, 0.1),
-    "horse": ({"size": 0.3, "body_length": -0.05, "width": -0.15, "neck_length": 0.8, "neck_thickness": 0.2,
-               "head_size": 0.05, "snout_length": 0.9, "leg_length": 0.55, "leg_thickness": -0.15,
-               "paw_size": -0.2, "tail_length": -0.1, "tail_thickness": 0.3, "ear_size": -0.2}, 0.06),
-    "cow": ({"size": 0.3, "body_length": 0.05, "girth": 0.35, "width": 0.15, "neck_length": -0.05,
-             "neck_thickness": 0.35, "head_size": 0.15, "snout_length": 0.35, "leg_length": 0.05,
-             "paw_size": -0.1, "tail_length": 0.15, "tail_thickness": -0.35}, 0.06),
-    "hippo": ({"size": 0.3, "body_length": 0.1, "girth": 0.6, "width": 0.35, "neck_length": -0.5,
-               "neck_thickness": 0.6, "head_size": 0.5, "snout_length": 0.25, "leg_length": -0.45,
-               "leg_thickness": 0.45, "paw_size": 0.3, "tail_length": -0.55, "ear_size": -0.45}, 0.05),
+    "cat": ({"size": -0.15, "body_length": 0.05, "girth": -0.25, "width": -0.05, "neck_length": -0.45,
+             "neck_thickness": -0.1, "neck_angle": 0.2, "head_size": 0.1, "snout_length": -0.7,
+             "snout_width": 0.1, "leg_length": -0.15, "leg_thickness": -0.3, "paw_size": 0.1, "tail_length": 0.6,
+             "tail_thickness": -0.2, "ear_size": 0.35}, 0.06),
+    "dog": ({"snout_length": -0.2, "snout_width": 0.2, "tail_length": 0.1, "ear_size": 0.3, "ear_spread": 0.5,
+             "neck_angle": 0.1, "face_angle": 0.1}, 0.1),
+    "horse": ({"size": 0.3, "body_length": 0.15, "width": -0.15, "neck_length": 0.3, "neck_thickness": 0.35,
+               "neck_angle": 0.0, "head_size": 0.2, "snout_length": 0.6, "snout_width": 0.35, "face_angle": 1.0,
+               "leg_length": 0.55, "leg_thickness": -0.15, "paw_size": -0.15, "tail_length": -0.05,
+               "tail_thickness": 0.5, "ear_size": -0.15}, 0.06),
+    "cow": ({"size": 0.3, "body_length": 0.1, "girth": 0.4, "width": 0.15, "neck_length": -0.15,
+             "neck_thickness": 0.45, "neck_angle": 0.8, "head_size": 0.15, "snout_length": 0.35, "snout_width": 0.3,
+             "face_angle": 0.5, "leg_length": 0.0, "leg_thickness": 0.05, "paw_size": -0.1, "tail_length": 0.15,
+             "tail_thickness": -0.35, "ear_size": 0.1, "ear_spread": 1.0}, 0.06),
+    "hippo": ({"size": 0.3, "body_length": 0.15, "girth": 0.65, "width": 0.35, "neck_length": -0.5,
+               "neck_thickness": 0.7, "neck_angle": 0.9, "head_size": 0.55, "snout_length": -0.1,
+               "snout_width": 0.8, "face_angle": 0.2, "leg_length": -0.45, "leg_thickness": 0.5, "paw_size": 0.0,
+               "tail_length": -0.55, "ear_size": -0.5, "ear_spread": 0.3}, 0.05),
 }
 FAMILY_ALL = "all"  # every family in turn
 
@@ -190,33 +200,52 @@ def _matching(prefixes: tuple[str, ...]) -> list[int]:
     return [j for j, n in enumerate(JOINTS) if n.startswith(prefixes)]
 
 
-def _shape_matrices() -> tuple[np.ndarray, np.ndarray]:
+def _shape_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A (J, K): change of each bone's length per unit of each coefficient; C (J, K, 3): change of
-    its radius along each world axis. Later entries of a coefficient's dict override earlier ones."""
+    its radius along each world axis; E (J, K, 3): displacement of its tail in the model's frame
+    (mirrored for right-side bones). Later entries of a coefficient's dict override earlier ones."""
     A = np.zeros((len(JOINTS), len(SHAPE_LABELS)))
     C = np.zeros((len(JOINTS), len(SHAPE_LABELS), 3))
-    for k, (lengths, radii) in enumerate(SHAPES.values()):
+    E = np.zeros((len(JOINTS), len(SHAPE_LABELS), 3))
+    for k, (lengths, radii, turns) in enumerate(SHAPES.values()):
         for prefixes, value in lengths.items():
             A[_matching(prefixes), k] = value
         for prefixes, value in radii.items():
             C[_matching(prefixes), k] = value
-    return A, C
+        for prefixes, value in turns.items():
+            for j in _matching(prefixes):
+                E[j, k] = _flip(_p(*value)) if _side(JOINTS[j]) == -1 else _p(*value)
+    return A, C, E
 
 
 # ---------------------------------------------------------------- template mesh
 
 
-def _primitives() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every capsule of the template: ends a, b (N, 3), radii (N, 2), cross-section scales (N, 3)."""
-    a, b, r, s = [REST_HEADS], [REST_TAILS], [RADII], [SECTIONS]
+def _group(name: str) -> str:
+    """The chain a bone belongs to: its capsules join without a fillet (a smooth union would swell
+    every joint of a chain into a bead)."""
+    if name.startswith(("pelvis", "spine")):
+        return "torso"
+    if name.startswith(("head", "snout", "jaw")):
+        return "head"
+    if name.startswith(("neck", "tail")):
+        return name.rstrip("0123456789")
+    return name.split("_")[1] if name.startswith(_LIMB) else name
+
+
+def _primitives() -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The template's pieces, each a list of capsules (a (3,), b (3,), radii (2,), cross-section
+    scales (3,)): one piece per chain of bones (see _group) and one per flesh piece."""
+    pieces = {}
+    for j, name in enumerate(JOINTS):
+        pieces.setdefault(_group(name), []).append((REST_HEADS[j], REST_TAILS[j], RADII[j], SECTIONS[j]))
+    flesh = []
     for joint, o0, o1, r0, r1, section in _FLESH:
         for name in (joint, _mirror(joint)) if _side(joint) == 1 else (joint,):
             head, mirrored = REST_HEADS[JOINTS.index(name)], _side(name) == -1
-            for ends, offset in ((a, o0), (b, o1)):
-                ends.append((head + (_flip(_p(*offset)) if mirrored else _p(*offset)))[None])
-            r.append(np.array([[r0, r1]]))
-            s.append(np.array([section], dtype=np.float64))
-    return np.concatenate(a), np.concatenate(b), np.concatenate(r), np.concatenate(s)
+            a, b = (head + np.array(_flip(_p(*o)) if mirrored else _p(*o)) for o in (o0, o1))
+            flesh.append([(a, b, np.array([r0, r1]), np.array(section, dtype=np.float64))])
+    return list(pieces.values()) + flesh
 
 
 def _capsule_distance(points: np.ndarray, a, b, radii, section) -> np.ndarray:
@@ -230,20 +259,24 @@ def _capsule_distance(points: np.ndarray, a, b, radii, section) -> np.ndarray:
 
 
 def _field(origin: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """The smooth union of all primitives sampled on a grid of GRID cells: (nx, ny, nz) float64."""
+    """The template's implicit function on a grid of GRID cells: (nx, ny, nz) float64, negative
+    inside. Capsules of a piece join by min(); pieces by a smooth minimum whose radius is BLEND
+    or, for thin pieces, half their thinnest radius (so an ear does not fill up with fillet)."""
     axes = [origin[i] + GRID * np.arange(shape[i]) for i in range(3)]
     field = np.full(shape, 1.0)
-    for a, b, r, s in zip(*_primitives()):
-        reach = r.max() + 2 * BLEND
-        lo = np.floor((np.minimum(a, b) - reach - origin) / GRID).astype(int).clip(0)
-        hi = np.ceil((np.maximum(a, b) + reach - origin) / GRID).astype(int) + 1
+    for piece in _primitives():
+        k = min(BLEND, 0.5 * min(r.min() for _, _, r, _ in piece))
+        ends = np.array([e for a, b, _, _ in piece for e in (a, b)])
+        reach = max(r.max() for _, _, r, _ in piece) + 2 * k + GRID
+        lo = np.floor((ends.min(0) - reach - origin) / GRID).astype(int).clip(0)
+        hi = np.ceil((ends.max(0) + reach - origin) / GRID).astype(int) + 1
         box = tuple(slice(lo[i], hi[i]) for i in range(3))
         grid = np.stack(np.meshgrid(axes[0][box[0]], axes[1][box[1]], axes[2][box[2]], indexing="ij"), axis=-1)
-        d = _capsule_distance(grid, a, b, r, s)
+        d = np.min([_capsule_distance(grid, *capsule) for capsule in piece], axis=0)
         old = field[box]
-        # polynomial smooth minimum: equal to min() once the two are BLEND apart
-        h = np.clip(BLEND - np.abs(old - d), 0.0, None) / BLEND
-        field[box] = np.minimum(old, d) - h * h * BLEND / 4
+        # polynomial smooth minimum: equal to min() once the two are k apart
+        h = np.clip(k - np.abs(old - d), 0.0, None) / k
+        field[box] = np.minimum(old, d) - h * h * k / 4
     return field
 
 
@@ -417,10 +450,11 @@ def build_template(num_vertices: int = NUM_VERTICES) -> tuple[np.ndarray, np.nda
 
     if not 500 <= num_vertices <= 20000:
         raise ValueError(f"a quadruped template has 500..20000 vertices (1 cm grid), got {num_vertices}")
-    a, b, r, _ = _primitives()
-    reach = r.max() + 3 * GRID
-    origin = np.minimum(a, b).min(0) - reach
-    shape = tuple(np.ceil((np.maximum(a, b).max(0) + reach - origin) / GRID).astype(int) + 1)
+    capsules = [c for piece in _primitives() for c in piece]
+    ends = np.array([e for a, b, _, _ in capsules for e in (a, b)])
+    reach = max(r.max() for _, _, r, _ in capsules) + 3 * GRID
+    origin = ends.min(0) - reach
+    shape = tuple(np.ceil((ends.max(0) + reach - origin) / GRID).astype(int) + 1)
     raw_vertices, raw_faces = _largest_component(*marching_tetrahedra(_field(origin, shape), origin, GRID))
     raw_vertices = _taubin_smooth(raw_vertices, raw_faces)
     # A closed genus-0 surface has F = 2V - 4 faces, so decimating to that count lands on V or a
@@ -482,11 +516,11 @@ def shape_space(vertices: np.ndarray, weights: np.ndarray):
     """Blend shapes of the joints and vertices: every quantity is linear in the coefficients.
 
     A joint's head sits at fixed (t, r) on its parent's bone, a bone's tail at its head plus the
-    rest bone times (1 + A beta), and a vertex at the weighted mean over its bones of
+    rest bone times (1 + A beta) plus E beta, and a vertex at the weighted mean over its bones of
     head + t (tail - head) + r (1 + C beta): at beta = 0 each term is the rest vertex itself.
     Returns: dH, dT (K, J, 3) joint head and tail directions; dV (K, V, 3) vertex directions.
     """
-    A, C = _shape_matrices()
+    A, C, E = _shape_matrices()
     K, J = len(SHAPE_LABELS), len(JOINTS)
     jt, jr = _joint_coordinates()
     bone = REST_TAILS - REST_HEADS
@@ -494,7 +528,7 @@ def shape_space(vertices: np.ndarray, weights: np.ndarray):
     for j, p in enumerate(PARENTS):
         if p >= 0:
             dH[:, j] = dH[:, p] + jt[j] * (dT[:, p] - dH[:, p]) + jr[j] * C[p]
-        dT[:, j] = dH[:, j] + bone[j] * A[j][:, None]
+        dT[:, j] = dH[:, j] + bone[j] * A[j][:, None] + E[j]
     t, r = _bone_coordinates(vertices, REST_HEADS, REST_TAILS)  # (V, J), (V, J, 3)
     per_bone = dH[:, None] + t[None, ..., None] * (dT - dH)[:, None] + r[None] * C.transpose(1, 0, 2)[:, None]
     dV = np.einsum("vj,kvjc->kvc", weights, per_bone)
@@ -556,7 +590,7 @@ _LEFT_RANGES = {
     "lower_FL": ((-15, 125), (-6, 6), (-8, 8)),
     "paw_FL": ((-25, 120), (-8, 8), (-8, 8)),
     "girdle_HL": ((-15, 15), (-6, 6), (-6, 6)),
-    "upper_HL": ((-95, 55), (-25, 10), (-15, 15)),
+    "upper_HL": ((-95, 55), (-32, 10), (-15, 15)),
     "lower_HL": ((-20, 130), (-6, 6), (-8, 8)),
     "paw_HL": ((-130, 35), (-8, 8), (-8, 8)),
 }
@@ -580,8 +614,8 @@ MIRROR_SIGNS = np.array([[1, -1, -1] if _side(n) == -1 else [1, 1, 1] for n in J
 # wrist, stifle and hock, phase of each leg FL, FR, HL, HR as a fraction of the stride).
 GAITS = {
     "walk": (0.2, (18, 22), (50, 60, 45, 45), (0.25, 0.75, 0.0, 0.5)),
-    "trot": (0.15, (24, 28), (75, 85, 55, 55), (0.0, 0.5, 0.5, 0.0)),
-    "gallop": (0.2, (42, 45), (100, 105, 80, 75), (0.45, 0.55, 0.0, 0.1)),
+    "trot": (0.15, (20, 24), (65, 75, 50, 50), (0.0, 0.5, 0.5, 0.0)),
+    "gallop": (0.2, (32, 34), (80, 90, 65, 60), (0.45, 0.55, 0.0, 0.1)),
 }
 POSE_KINDS = {"stand": 0.2, **{k: v[0] for k, v in GAITS.items()}, "sit": 0.25}
 NOISE = 4.0  # degrees of Gaussian noise on every free angle
@@ -632,7 +666,8 @@ class PoseSampler:
             reach = -np.cos(phi)  # -1: reaching forward, +1: pushed back
             lift = max(0.0, np.sin(phi))  # the swing half of the stride lifts the paw
             amplitude = swing[0] if leg[0] == "F" else swing[1]
-            self._set(angles, f"upper_{leg}", pitch=amplitude * reach)
+            # hind legs pass a little outside the forelegs, as they do in a fast gait
+            self._set(angles, f"upper_{leg}", pitch=amplitude * reach, roll=-12 * (amplitude > 30) * (leg[0] == "H"))
             self._set(angles, f"girdle_{leg}", pitch=0.3 * amplitude * reach)
             if leg[0] == "F":
                 self._set(angles, f"lower_{leg}", pitch=elbow * lift)
@@ -650,7 +685,7 @@ class PoseSampler:
         self._set(angles, "pelvis", pitch=tilt)
         for side in ("L", "R"):
             self._set(angles, f"upper_F{side}", pitch=-tilt + rng.uniform(-10, 5))  # forelegs stay upright
-            self._set(angles, f"upper_H{side}", pitch=-60 - tilt * 0.3 + rng.uniform(-5, 5), roll=-rng.uniform(5, 20))
+            self._set(angles, f"upper_H{side}", pitch=-45 - tilt * 0.3 + rng.uniform(-5, 5), roll=-rng.uniform(10, 20))
             self._set(angles, f"lower_H{side}", pitch=rng.uniform(100, 125))
             self._set(angles, f"paw_H{side}", pitch=-rng.uniform(90, 120))
         self._set(angles, "neck1", pitch=-tilt * 0.5 - rng.uniform(0, 15))
@@ -658,24 +693,24 @@ class PoseSampler:
     def _head(self, angles, rng):
         action = rng.choice(["ahead", "turn", "graze", "up"], p=[0.35, 0.35, 0.15, 0.15])
         if action == "turn":
-            side = rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 0.75)
+            side = rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 0.6)
             for name, limit in (("neck1", 40), ("neck2", 35), ("head", 30), ("spine3", 8), ("spine2", 8)):
                 self._set(angles, name, yaw=side * limit)
             self._set(angles, "head", roll=rng.uniform(-15, 15))
         elif action == "graze":
-            self._set(angles, "neck1", pitch=rng.uniform(40, 70))
-            self._set(angles, "neck2", pitch=rng.uniform(20, 45))
-            self._set(angles, "head", pitch=rng.uniform(-25, 5))  # the face stays near level
+            self._set(angles, "neck1", pitch=rng.uniform(20, 45))
+            self._set(angles, "neck2", pitch=rng.uniform(5, 25))
+            self._set(angles, "head", pitch=rng.uniform(-30, 0))  # the face stays near level
         elif action == "up":
-            self._set(angles, "neck1", pitch=-rng.uniform(20, 40))
-            self._set(angles, "neck2", pitch=-rng.uniform(10, 30))
-            self._set(angles, "head", pitch=-rng.uniform(0, 30))
+            self._set(angles, "neck1", pitch=-rng.uniform(15, 35))
+            self._set(angles, "neck2", pitch=-rng.uniform(5, 25))
+            self._set(angles, "head", pitch=-rng.uniform(0, 25))
         if rng.random() < 0.3:
             self._set(angles, "jaw", pitch=rng.uniform(8, 28))
 
     def _tail(self, angles, rng):
         action = rng.choice(["hang", "level", "raised", "side", "curl"], p=[0.3, 0.2, 0.2, 0.15, 0.15])
-        root, bend = {"hang": (-25, -6), "level": (15, 5), "raised": (55, 15), "side": (10, 0),
+        root, bend = {"hang": (-15, 0), "level": (15, 5), "raised": (55, 15), "side": (10, 0),
                       "curl": (45, 30)}[action]
         self._set(angles, "tail1", pitch=root + rng.uniform(-10, 10))
         wag = rng.uniform(-30, 30) if action == "side" else rng.uniform(-8, 8)
@@ -705,6 +740,8 @@ COLLISION_SHRINK = 0.8  # capsules are tested at this fraction of the bones' rad
 # tested (a thigh drawn forward against the belly is contact, not a collision).
 COLLISION_BONES = tuple(j for j, n in enumerate(JOINTS) if not n.startswith("girdle_"))
 COLLISION_FROM = np.array([0.4 if n.startswith("upper_") else 0.0 for n in JOINTS])  # start of the tested part
+# Contacts, not collisions: the chin and the ears may touch the base of the neck.
+COLLISION_CONTACTS = (("neck1", "jaw"), ("neck1", "ear_L"), ("neck1", "ear_R"))
 
 
 class QuadrupedModel:
@@ -713,21 +750,23 @@ class QuadrupedModel:
     Attributes (torch float64 unless stated):
         template (V, 3), faces (F, 3) int64 (numpy), weights (V, J): rest mesh and skinning weights.
         shape_dirs (K, V, 3), head_dirs (K, J, 3), tail_dirs (K, J, 3): blend shapes.
-        radius_dirs (K, J): change of each bone's mean radius per unit of each coefficient.
+        radius_dirs (K, J): change of each bone's radii (mean over the axes) per unit of each coefficient.
     """
 
     def __init__(self, num_vertices: int = NUM_VERTICES):
         vertices, faces = build_template(num_vertices)
         weights = skinning_weights(vertices)
         dH, dT, dV = shape_space(vertices, weights)
-        _, C = _shape_matrices()
+        _, C, _ = _shape_matrices()
         as_t = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))  # noqa: E731
         self.faces = faces
         self.template, self.weights = as_t(vertices), as_t(weights)
         self.shape_dirs, self.head_dirs, self.tail_dirs = as_t(dV), as_t(dH), as_t(dT)
         self.rest_heads, self.rest_tails = as_t(REST_HEADS), as_t(REST_TAILS)
         self.radius_dirs = as_t(C.mean(-1).T)  # (K, J)
-        self.radii = as_t(RADII.mean(1))  # (J,)
+        # radii at the start and the end of the part of each bone that the collision test uses
+        start = RADII[:, 0] + COLLISION_FROM * (RADII[:, 1] - RADII[:, 0])
+        self.collision_radii = as_t(np.stack([start, RADII[:, 1]], 1))  # (J, 2)
         self.parents = PARENTS
         self._pairs = self._candidate_pairs()
 
@@ -805,16 +844,19 @@ class QuadrupedModel:
                 hops[j, p] = hops[p, j] = 1
         for k in range(J):  # Floyd-Warshall on 31 joints
             hops = np.minimum(hops, hops[:, k:k + 1] + hops[k:k + 1, :])
+        for pair in COLLISION_CONTACTS:
+            hops[JOINTS.index(pair[0]), JOINTS.index(pair[1])] = 0
         a, b = np.nonzero(np.triu(hops > 2) & tested[:, None] & tested[None, :])
         return torch.from_numpy(np.stack([a, b], 1))
 
     def collisions(self, shapes, angles) -> np.ndarray:
         """Which poses make which identities pass through themselves: (I, P) bool.
 
-        A coarse but real test on a capsule per bone (its posed segment from COLLISION_FROM on,
-        its shaped mean radius times COLLISION_SHRINK; girdles are not tested): two bones more
-        than two joints apart collide when their segments come closer than the sum of the radii,
-        unless they already do so in the rest pose of that identity. It catches legs crossing each other (left through
+        A coarse but real test on a tapered capsule per bone (its posed segment from
+        COLLISION_FROM on, its shaped radii times COLLISION_SHRINK; girdles are not tested): two
+        bones more than two joints apart (COLLISION_CONTACTS aside) collide when the closest
+        points of their segments are nearer than the sum of the radii there, unless they already
+        are in the rest pose of that identity. It catches legs crossing each other (left through
         right, fore through hind), a lower leg or paw through the chest, belly or rump, the head,
         snout or jaw through a leg or the body, and the tail through a hind leg. It misses
         contacts between bones two joints apart or fewer (a paw folded onto its own forearm is
@@ -824,18 +866,23 @@ class QuadrupedModel:
         start = torch.from_numpy(COLLISION_FROM)[:, None]
         heads, tails = self.posed_bones(beta, angles)
         heads = heads + start * (tails - heads)
-        radius = self.radii * (1 + beta @ self.radius_dirs) * COLLISION_SHRINK  # (I, J)
+        radii = self.collision_radii * ((1 + beta @ self.radius_dirs) * COLLISION_SHRINK)[..., None]  # (I, J, 2)
         a, b = self._pairs[:, 0], self._pairs[:, 1]
-        reach = (radius[:, a] + radius[:, b])[:, None]  # (I, 1, N)
+
+        def overlapping(heads, tails, radii):  # heads, tails (I, ..., J, 3), radii (I, ..., J, 2)
+            distance, s, t = _closest_points(heads[..., a, :], tails[..., a, :], heads[..., b, :], tails[..., b, :])
+            ra, rb = radii[..., a, :], radii[..., b, :]
+            return distance < ra[..., 0] + s * (ra[..., 1] - ra[..., 0]) + rb[..., 0] + t * (rb[..., 1] - rb[..., 0])
+
         _, rest_heads, rest_tails = self.shaped(beta)
-        rest_heads = rest_heads + start * (rest_tails - rest_heads)
-        at_rest = _segment_distance(rest_heads[:, a], rest_tails[:, a], rest_heads[:, b], rest_tails[:, b])
-        posed = _segment_distance(heads[..., a, :], tails[..., a, :], heads[..., b, :], tails[..., b, :])
-        return ((posed < reach) & (at_rest[:, None] >= reach)).any(-1).numpy()
+        at_rest = overlapping(rest_heads + start * (rest_tails - rest_heads), rest_tails, radii)  # (I, N)
+        posed = overlapping(heads, tails, radii[:, None])  # (I, P, N)
+        return (posed & ~at_rest[:, None]).any(-1).numpy()
 
 
-def _segment_distance(p0, p1, q0, q1) -> torch.Tensor:
-    """Distance between segments [p0, p1] and [q0, q1] (..., 3) each: a tensor (...)."""
+def _closest_points(p0, p1, q0, q1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closest points of segments [p0, p1] and [q0, q1] (..., 3) each: their distance (...) and
+    their parameters s, t (...) in [0, 1] along each segment."""
     d1, d2, r = p1 - p0, q1 - q0, p0 - q0
     a, e = (d1 * d1).sum(-1).clamp_min(1e-12), (d2 * d2).sum(-1).clamp_min(1e-12)
     b, c, f = (d1 * d2).sum(-1), (d1 * r).sum(-1), (d2 * r).sum(-1)
@@ -845,7 +892,7 @@ def _segment_distance(p0, p1, q0, q1) -> torch.Tensor:
     # where t leaves [0, 1], clamp it and recompute s for that end of the second segment
     t_clamped = t.clamp(0, 1)
     s = torch.where(t != t_clamped, ((b * t_clamped - c) / a).clamp(0, 1), s)
-    return (p0 + s[..., None] * d1 - q0 - t_clamped[..., None] * d2).norm(dim=-1)
+    return (p0 + s[..., None] * d1 - q0 - t_clamped[..., None] * d2).norm(dim=-1), s, t_clamped
 
 
 @lru_cache(maxsize=2)
