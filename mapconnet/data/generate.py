@@ -215,11 +215,12 @@ def _existing(out: Path, args: GenerateConfig) -> bool:
                           f"{diff or 'generator version changed'}; pass --overwrite to replace it")
 
 
-def _preview(out_png: Path, vertices: np.ndarray, faces: np.ndarray, resolution: str, template_faces) -> None:
+def _preview(out_png: Path, vertices: np.ndarray, faces: np.ndarray, resolution: str, template_faces,
+             labels: list[str] | None = None) -> None:
     from .preview import render_animal_preview, render_preview
 
     if resolution == quadruped.RESOLUTION:
-        render_animal_preview(vertices, faces, out_png)
+        render_animal_preview(vertices, faces, out_png, labels=labels)
         return
     if resolution in ("x4", "x16"):
         # Subdivision keeps the template's vertices first and unchanged: draw those with the
@@ -252,7 +253,8 @@ def _generate_into(out: Path, args: GenerateConfig) -> Path:
 
             ds = open_dataset(out)
             template_faces = ds.faces if args.species == "quadruped" else anny_body.load_model().faces.numpy()
-            _preview(out / "preview.png", ds.vertices, ds.faces, args.resolution, template_faces)
+            _preview(out / "preview.png", ds.vertices, ds.faces, args.resolution, template_faces,
+                     ds.manifest.get("families"))
         print(f"{out} already holds this dataset (same arguments); nothing to do")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +434,7 @@ def _generate_quadruped(args: GenerateConfig, work: Path) -> dict:
     }
     if args.preview:
         t = time.perf_counter()
-        _preview(work / "preview.png", vertices, faces, args.resolution, faces)
+        _preview(work / "preview.png", vertices, faces, args.resolution, faces, families)
         timings["preview"] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - start, 2)
     manifest["seconds"] = timings

@@ -22,11 +22,13 @@ def render_preview(vertices: np.ndarray, faces: np.ndarray, path, columns: int =
     return save_figure(fig, path)
 
 
-def render_animal_preview(vertices: np.ndarray, faces: np.ndarray, path, panels: int = 10, columns: int = 5):
+def render_animal_preview(vertices: np.ndarray, faces: np.ndarray, path, panels: int = 10, columns: int = 5,
+                          labels: list[str] | None = None):
     """Grid of animals seen from the front left and a little above: panel k shows identity k in
     pose k * (P // panels), so the panels differ in both body and pose.
 
-    Args: vertices (I, P, V, 3) (the model's frame: Z up, head toward -Y); faces (F, 3); path: PNG.
+    Args: vertices (I, P, V, 3) (the model's frame: Z up, head toward -Y); faces (F, 3); path: PNG;
+    labels: optional name of each identity (its family) for the titles.
     """
     n = min(panels, vertices.shape[0])
     step = max(1, vertices.shape[1] // n)
@@ -38,6 +40,7 @@ def render_animal_preview(vertices: np.ndarray, faces: np.ndarray, path, panels:
         draw_mesh(ax, np.asarray(vertices[k, pose]), faces)
         ax.view_init(elev=12, azim=-35)
         ax.set_box_aspect((1, 1, 1), zoom=1.5)  # draw_mesh's cube is sized for upright people
-        ax.set_title(f"identity {k}, pose {pose}", fontsize=8)
+        name = f"{labels[k]} (identity {k})" if labels else f"identity {k}"
+        ax.set_title(f"{name}, pose {pose}", fontsize=8)
     fig.subplots_adjust(wspace=0, hspace=0, left=0, right=1, bottom=0, top=0.95)
     return save_figure(fig, path)

@@ -184,7 +184,7 @@ FAMILIES = {
                "leg_length": 0.55, "leg_thickness": -0.15, "paw_size": -0.15, "tail_length": -0.05,
                "tail_thickness": 0.5, "ear_size": -0.15}, 0.06),
     "cow": ({"size": 0.3, "body_length": 0.1, "girth": 0.4, "width": 0.15, "neck_length": -0.15,
-             "neck_thickness": 0.45, "neck_angle": 0.8, "head_size": 0.15, "snout_length": 0.35, "snout_width": 0.3,
+             "neck_thickness": 0.45, "neck_angle": 0.8, "head_size": 0.25, "snout_length": 0.1, "snout_width": 0.6,
              "face_angle": 0.5, "leg_length": 0.0, "leg_thickness": 0.05, "paw_size": -0.1, "tail_length": 0.15,
              "tail_thickness": -0.35, "ear_size": 0.1, "ear_spread": 1.0}, 0.06),
     "hippo": ({"size": 0.3, "body_length": 0.15, "girth": 0.65, "width": 0.35, "neck_length": -0.5,
