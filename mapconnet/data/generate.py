@@ -75,7 +75,8 @@ class GenerateConfig:
     """What `python -m mapconnet.data.generate` accepts. Sizes left at None come from --preset, else DEFAULTS."""
     out: str = field(metadata={"help": "dataset folder to create"})
     preset: str | None = field(default=None, metadata={"help": f"sizes of a standard set, one of {sorted(PRESETS)} "
-                                                                 "(explicit size options win)"})
+                                                                 "(explicit size options win; animal sizes with "
+                                                                 "--species quadruped)"})
     identities: int | None = field(default=None, metadata={"help": f"training identities (else {DEFAULTS[0]})"})
     poses: int | None = field(default=None, metadata={"help": f"training poses (else {DEFAULTS[1]})"})
     test_identities: int | None = field(default=None, metadata={"help": f"unseen test identities (else {DEFAULTS[2]})"})
@@ -91,7 +92,8 @@ class GenerateConfig:
         "help": "vertex count of every mesh: humans lite 1,723; smpl 6,890 (default); full 13,348; x4 ~53k; "
                 "x16 ~213k; quadrupeds smal 3,889 (their only one)"})
     collision_identities: int = field(default=3, metadata={
-        "help": "a pose is kept only if collision-free on this many of the heaviest training identities"})
+        "help": "a pose is kept only if collision-free on this many of the heaviest training identities (humans; "
+                "an animal pose is checked on every identity)"})
     preview: bool = field(default=False, metadata={"help": "render a grid of sampled bodies to DIR/preview.png"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace an existing dataset folder of this generator (never a folder with other files)"})
