@@ -184,8 +184,8 @@ FAMILIES = {
                "leg_length": 0.55, "leg_thickness": -0.15, "paw_size": -0.15, "tail_length": -0.05,
                "tail_thickness": 0.5, "ear_size": -0.15}, 0.06),
     "cow": ({"size": 0.3, "body_length": 0.1, "girth": 0.4, "width": 0.15, "neck_length": -0.15,
-             "neck_thickness": 0.45, "neck_angle": 0.8, "head_size": 0.25, "snout_length": 0.1, "snout_width": 0.6,
-             "face_angle": 0.5, "leg_length": 0.0, "leg_thickness": 0.05, "paw_size": -0.1, "tail_length": 0.15,
+             "neck_thickness": 0.45, "neck_angle": 0.6, "head_size": 0.4, "snout_length": -0.1, "snout_width": 0.9,
+             "face_angle": 0.8, "leg_length": 0.0, "leg_thickness": 0.05, "paw_size": -0.1, "tail_length": 0.15,
              "tail_thickness": -0.35, "ear_size": 0.1, "ear_spread": 1.0}, 0.06),
     "hippo": ({"size": 0.3, "body_length": 0.15, "girth": 0.65, "width": 0.35, "neck_length": -0.5,
                "neck_thickness": 0.7, "neck_angle": 0.9, "head_size": 0.55, "snout_length": -0.1,
@@ -740,8 +740,10 @@ COLLISION_SHRINK = 0.8  # capsules are tested at this fraction of the bones' rad
 # tested (a thigh drawn forward against the belly is contact, not a collision).
 COLLISION_BONES = tuple(j for j, n in enumerate(JOINTS) if not n.startswith("girdle_"))
 COLLISION_FROM = np.array([0.4 if n.startswith("upper_") else 0.0 for n in JOINTS])  # start of the tested part
-# Contacts, not collisions: the chin and the ears may touch the base of the neck.
-COLLISION_CONTACTS = (("neck1", "jaw"), ("neck1", "ear_L"), ("neck1", "ear_R"))
+# Contacts, not collisions: the chin and the ears may touch the base of the neck, and a hanging
+# tail lies against the rump.
+COLLISION_CONTACTS = (("neck1", "jaw"), ("neck1", "ear_L"), ("neck1", "ear_R"), ("pelvis", "tail2"),
+                      ("pelvis", "tail3"))
 
 
 class QuadrupedModel:
