@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mapconnet.files import replacing
-from mapconnet.model import MAPConNet, ModelConfig
+from mapconnet.model import CANCELLED_BIAS, MAPConNet, ModelConfig
 
 # v2: residual decoder options in the model config, loss terms keyed by LossConfig names, RNG
 # states stored as plain tensors and numbers so that every checkpoint loads with weights_only=True.
@@ -62,6 +62,33 @@ def load(path) -> dict:
     if broken:
         raise ValueError(f"checkpoint {path} has NaN or inf in {len(broken)} weight tensors ({', '.join(broken[:3])}): "
                          "the run that wrote it diverged; use an earlier checkpoint")
+    return _without_cancelled_biases(payload)
+
+
+def _without_cancelled_biases(payload: dict) -> dict:
+    """A checkpoint written while the instance-normalised layers had biases (`model.CANCELLED_BIAS`)
+    without them: out of the weights, and their Adam state out of the optimizer's (whose entries are
+    numbered in parameter order; a bias came right after its layer's weight). The model computes
+    the same function without them, so such a checkpoint evaluates and resumes as before."""
+    cancelled = {k for k in payload["model"] if CANCELLED_BIAS.fullmatch(k)}
+    if not cancelled:
+        return payload
+    payload = {**payload, "model": {k: v for k, v in payload["model"].items() if k not in cancelled}}
+    if "optimizer" in payload:
+        old_order = []
+        for name, _ in MAPConNet(model_config_from(payload)).named_parameters():
+            old_order.append(name)
+            if name.endswith(".weight") and name[: -len("weight")] + "bias" in cancelled:
+                old_order.append(name[: -len("weight")] + "bias")
+        new_index = {}
+        for old, name in enumerate(old_order):
+            if name not in cancelled:
+                new_index[old] = len(new_index)
+        opt = payload["optimizer"]
+        payload["optimizer"] = {
+            "state": {new_index[i]: s for i, s in opt["state"].items() if i in new_index},
+            "param_groups": [{**g, "params": [new_index[i] for i in g["params"] if i in new_index]}
+                             for g in opt["param_groups"]]}
     return payload
 
 

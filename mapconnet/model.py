@@ -7,6 +7,7 @@ matter at all. The correspondence never builds an N_I x N_P matrix unless backen
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -85,12 +86,24 @@ def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + eps)
 
 
+# Layers that an instance norm follows have no bias: the norm subtracts the per-channel mean, so a
+# bias would cancel exactly and its gradient would be rounding noise, which Adam turns into random
+# lr-sized steps (and which makes 1- and N-process training differ). Checkpoints written while these
+# layers had biases carry them; `mapconnet.checkpoint.load` drops them (names matching CANCELLED_BIAS).
+CANCELLED_BIAS = re.compile(r"encoder\.(fc1|fc_offsets|fc2|fc3|blocks\.\d+\.fc[12])\.bias")
+
+
+def normalised_linear(c_in: int, c_out: int) -> nn.Linear:
+    """A linear map whose output goes through an instance norm: no bias (see CANCELLED_BIAS)."""
+    return nn.Linear(c_in, c_out, bias=False)
+
+
 class ResidualBlock(nn.Module):
     """h <- PReLU(h + IN(linear(PReLU(IN(linear(h))))))."""
 
     def __init__(self, width: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.fc1, self.fc2 = normalised_linear(width, width), normalised_linear(width, width)
         self.act1, self.act2 = nn.PReLU(), nn.PReLU()
 
     def forward(self, h):
@@ -114,11 +127,11 @@ class Encoder(nn.Module):
         super().__init__()
         w1, w2 = cfg.encoder_widths
         self.neighbours, self.global_context = cfg.encoder_neighbours, cfg.encoder_global
-        self.fc1 = nn.Linear(3, w1)
+        self.fc1 = normalised_linear(3, w1)
         if self.neighbours:
-            self.fc_offsets = nn.Linear(3, w1)  # its own map and norm: offsets are ~100x smaller than x
-        self.fc2 = nn.Linear(w1, w2)
-        self.fc3 = nn.Linear(2 * w2 if self.global_context else w2, cfg.feature_dim)
+            self.fc_offsets = normalised_linear(3, w1)  # its own map and norm: offsets are ~100x smaller than x
+        self.fc2 = normalised_linear(w1, w2)
+        self.fc3 = normalised_linear(2 * w2 if self.global_context else w2, cfg.feature_dim)
         self.blocks = nn.ModuleList(ResidualBlock(cfg.feature_dim) for _ in range(cfg.residual_blocks))
 
     def first_layer(self, x):
@@ -233,7 +246,8 @@ class MAPConNet(nn.Module):
                 spectral = hasattr(module, "parametrizations")
                 weight = module.parametrizations.weight.original if spectral else module.weight
                 nn.init.xavier_normal_(weight, gain=self.cfg.init_gain)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         if self.decoder.residual:  # the untrained model returns the warped mesh exactly
             nn.init.zeros_(self.decoder.out.weight)
 

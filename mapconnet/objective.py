@@ -38,14 +38,14 @@ def supervised_losses(model, batch: dict, loss_cfg: LossConfig) -> dict[str, tor
     out = model(batch["identity"], batch["pose"])
     return {"reconstruction": reconstruction(out.output, batch["target"]),
             "edge": edge(out.output, batch["identity"], batch["identity_faces"]),
-            **_contrastive(out, loss_cfg, model.cfg.backend, cross=False)}
+            **_contrastive(out, loss_cfg, _config(model).backend, cross=False)}
 
 
 def unlabelled_losses(model, batch: dict, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Unweighted terms of an unlabelled step. batch: "identity", "pose", "pose2" (B, N, 3) and
     "pose_faces" (B, F, 3); P = "pose" and P2 = "pose2" show one identity and share a vertex order."""
     identity, pose, pose2, faces = batch["identity"], batch["pose"], batch["pose2"], batch["pose_faces"]
-    backend = model.cfg.backend
+    backend = _config(model).backend
     cc = model(pose2, pose)  # cross-consistency: P2 re-posed like P is P
     first = model(identity, pose)  # self-consistency pass 1: contrastive terms only
     sc = model(pose2, first.output.detach())  # pass 2: P2 re-posed like G(I, P) is P again
@@ -61,6 +61,11 @@ def unlabelled_losses(model, batch: dict, loss_cfg: LossConfig) -> dict[str, tor
 def step_losses(model, batch: dict, kind: str, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
     """The terms of a step of `kind`: "labelled" is supervised, every other kind unlabelled."""
     return (supervised_losses if kind == "labelled" else unlabelled_losses)(model, batch, loss_cfg)
+
+
+def _config(model):
+    """The ModelConfig of a model, or of the model inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model).cfg
 
 
 def _contrastive(out: TransferOutput, loss_cfg: LossConfig, backend: str, cross: bool) -> dict[str, torch.Tensor]:

@@ -15,18 +15,21 @@ steps are unlabelled steps. With `--data stream` every sample shows new people i
 (`mapconnet.data.stream`), so the unlabelled kinds simply draw unlabelled triplets.
 
 Writes OUT/checkpoint.pt (every --checkpoint-every steps and at the end), OUT/losses.csv (every
-loss term of every step), OUT/val.csv (validation PMD of the model and of the warped mesh), and
-OUT/losses.png. --resume continues from OUT/checkpoint.pt exactly: sample i of step s depends
-only on (seed, s, i).
+loss term, the gradient norm and the run's clock after every step), OUT/val.csv (validation PMD
+of the model and of the warped mesh), and OUT/losses.png. --resume continues from
+OUT/checkpoint.pt exactly: sample i of step s depends only on (seed, s, i).
+
+Under torchrun (`mapconnet.distributed`) --batch-size is the global batch, split evenly over the
+processes: 1 or N processes train the same model, and a run may resume with another number of
+processes. Rank 0 alone validates, logs, plots and writes checkpoints.
 """
 from __future__ import annotations
 
 import csv
-import itertools
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +41,9 @@ import kernels
 from mapconnet import checkpoint as ckpt
 from mapconnet.cli import POSITIVE, at_least, check_backend, check_device, check_ranges, one_of
 from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_dataset, semi_supervised_split
-from mapconnet.data.stream import BodyStream
+from mapconnet.data.quadruped import check_species
+from mapconnet.data.stream import STREAM_RESOLUTIONS, BodyStream
+from mapconnet.distributed import SOLO, ShardedCount, Team, from_leader, join, leave, local_batch, mean_over_ranks
 from mapconnet.evaluation import candidates, centred
 from mapconnet.files import folder_lock
 from mapconnet.losses import LossConfig
@@ -58,7 +63,8 @@ OPTIMIZERS = {"published": {"betas": (0.0, 0.9), "eps": 1e-3}, "adam": {"betas":
 class TrainConfig:
     data: str = DEMO_DATA  # dataset folder, or "stream"; the demo set is built if this default is missing
     val_data: str = ""  # dataset whose test lists validate (default: --data; needed with --data stream)
-    stream_resolution: str = "lite"  # mesh resolution of --data stream
+    species: str = "human"  # body model of --data stream: human (anny) or quadruped (mapconnet.data.quadruped)
+    stream_resolution: str = ""  # mesh resolution of --data stream (default: lite for humans, smal for animals)
     out: str = "runs/demo"
     batch_size: int = 2
     epochs: int = 1
@@ -113,23 +119,15 @@ class TrainConfig:
                              "pass --use-unlabelled (or --percentage 100 for supervised training)")
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("need --epochs >= 1 or --max-steps >= 1")
+        check_species(self.species)
+        self.stream_resolution = self.stream_resolution or STREAM_RESOLUTIONS[self.species]
         check_device(self.device)
         if self.bf16 and not self.device.startswith("cuda"):
             raise ValueError("--bf16 autocast is for CUDA devices; on CPU train in float32")
         if self.data == STREAM and not self.val_data:
             raise ValueError("--data stream needs --val-data DIR, a dataset folder whose test lists validate the run "
                              "(e.g. one written by `python -m mapconnet.data.generate --preset published "
-                             "--resolution lite`)")
-
-
-class CountFrom(torch.utils.data.Sampler):
-    """Global sample indices start, start + 1, ... forever (Epochs folds them into epochs)."""
-
-    def __init__(self, start: int):
-        self.start = start
-
-    def __iter__(self):
-        return itertools.count(self.start)
+                             "--resolution lite`, or with `--species quadruped --preset published` for animals)")
 
 
 class Epochs(torch.utils.data.Dataset):
@@ -162,7 +160,7 @@ def sample_sets(cfg: TrainConfig, dataset) -> dict:
     kinds = step_kinds(cfg)
     if dataset is None:  # the stream: every kind its own seed, unlabelled kinds unlabelled triplets
         return {k: BodyStream("labelled" if k == "labelled" else "unlabelled", cfg.stream_resolution,
-                              cfg.seed + i) for i, k in enumerate(dict.fromkeys(kinds))}
+                              cfg.seed + i, species=cfg.species) for i, k in enumerate(dict.fromkeys(kinds))}
     ids, poses, length = dataset.train_identities, dataset.train_poses, cfg.pairs_per_epoch
     if kinds == ["labelled"]:
         return {"labelled": Epochs(SupervisedPairs(dataset, ids, poses, length, cfg.seed))}
@@ -187,13 +185,14 @@ def active_kinds(cfg: TrainConfig, sets: dict) -> list[str]:
 
 # TrainConfig fields that define what a run learns from: --resume refuses to change them (the
 # others, such as --max-steps, --val-every or --workers, may change between the parts of a run).
-RUN_FIELDS = ("data", "val_data", "stream_resolution", "batch_size", "pairs_per_epoch", "percentage",
+RUN_FIELDS = ("data", "val_data", "species", "stream_resolution", "batch_size", "pairs_per_epoch", "percentage",
               "use_unlabelled", "lr", "optimizer", "grad_clip", "seed", "init")
 
 
 def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where: str) -> None:
     """Raise ValueError if a resumed run would change its data, sampling, optimiser or loss weights."""
     saved_train, saved_loss = payload.get("train_config", {}), payload.get("loss_config", {})
+    saved_train = {"species": "human", **saved_train}  # runs from before animal mode trained humans
     diff = {f"--{k.replace('_', '-')}": (saved_train.get(k), getattr(cfg, k)) for k in RUN_FIELDS
             if k in saved_train and saved_train[k] != getattr(cfg, k)}
     diff.update({f"--{k.replace('_', '-')}": (v, getattr(loss_cfg, k)) for k, v in saved_loss.items()
@@ -349,7 +348,6 @@ def prepare_demo_data(cfg: TrainConfig) -> None:
 
 def _open_data(cfg: TrainConfig):
     """(training dataset or None for the stream, validation dataset)."""
-    prepare_demo_data(cfg)
     opened = {}
     for flag, folder in (("--data", cfg.data), ("--val-data", cfg.val_data or cfg.data)):
         if folder == STREAM:
@@ -358,16 +356,24 @@ def _open_data(cfg: TrainConfig):
             raise ValueError(f"{flag} {folder} does not exist or is not a folder; expected a dataset folder written "
                              f"by `python -m mapconnet.data.generate --out {folder} ...`, or --data stream")
         opened[folder] = opened.get(folder) or open_dataset(folder, verify=True)
+    if cfg.data == STREAM:
+        val_species = opened[cfg.val_data].manifest.get("species", "human")
+        if val_species != cfg.species:
+            raise ValueError(f"--val-data {cfg.val_data} holds {val_species} bodies but --data stream draws "
+                             f"--species {cfg.species}; validate on a dataset of the same species")
     return opened.get(cfg.data), opened[cfg.val_data or cfg.data]
 
 
-def check_step_memory(cfg: TrainConfig, model_cfg: ModelConfig, kinds: list[str], vertices: int) -> None:
+def check_step_memory(cfg: TrainConfig, model_cfg: ModelConfig, kinds: list[str], vertices: int,
+                      team: Team = SOLO) -> None:
     """Raise MemoryError, before anything is written, when a training step would not fit in the
-    memory available now (CPU; estimate from `mapconnet.resources`), naming a batch size that fits."""
+    memory available now (CPU; estimate from `mapconnet.resources`), naming a batch size that fits.
+    The processes of a team on one machine share its memory, so their shares of the batch add up."""
     if cfg.device != "cpu":
         return
     unlabelled = any(k != "labelled" for k in kinds)
-    need = training_step_bytes(cfg.batch_size, vertices, model_cfg.decoder_widths, unlabelled)
+    here = local_batch(team, cfg.batch_size) * team.local_world
+    need = training_step_bytes(here, vertices, model_cfg.decoder_widths, unlabelled)
     available = available_memory()
     if need > available:
         fit = available * cfg.batch_size // need
@@ -383,32 +389,32 @@ RUN_FILES = ("checkpoint.pt", "losses.csv", "val.csv", "losses.png")
 
 def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossConfig | None = None) -> dict:
     """Train as described in the module docstring, holding OUT/.lock so that no other training
-    writes into OUT meanwhile. Returns {"step", "history" (one dict per step of this run), "out" (Path)}."""
+    writes into OUT meanwhile. Returns {"step", "history" (one dict per step of this run, losses
+    averaged over the processes), "out" (Path)}."""
     model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
-    check_backend(model_cfg.backend, cfg.device)
-    dataset, val_dataset = _open_data(cfg)
-    out = Path(cfg.out)
-    with folder_lock(out, "training"):
-        return _train(cfg, model_cfg, loss_cfg, dataset, val_dataset, out)
+    team, device = join(cfg.device)
+    try:
+        check_backend(model_cfg.backend, device)
+        local_batch(team, cfg.batch_size)
+        from_leader(team, lambda: prepare_demo_data(cfg))
+        dataset, val_dataset = _open_data(cfg)
+        return _train(cfg, model_cfg, loss_cfg, dataset, val_dataset, Path(cfg.out), team, torch.device(device))
+    finally:
+        leave(team)
 
 
-def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, dataset, val_dataset, out: Path) -> dict:
-    device = torch.device(cfg.device)
+def _claim(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, out: Path, locks: ExitStack,
+           check_memory) -> dict | None:
+    """What rank 0 does before training: lock OUT (held until `locks` closes), refuse to lose a
+    run, check the memory, read the checkpoint of --resume or --init and only then clear the
+    files of --overwrite or the log rows a resumed run will write again. Returns the checkpoint
+    payload, or None for a fresh start."""
+    locks.enter_context(folder_lock(out, "training"))
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not cfg.resume and not cfg.overwrite:
         raise FileExistsError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
                               "it, --overwrite to start afresh (deletes only those files), or choose another --out")
-    sets = sample_sets(cfg, dataset)
-    kinds = active_kinds(cfg, sets)
-    vertices = dataset.num_vertices if dataset is not None else next(iter(sets.values())).num_vertices
-    check_step_memory(cfg, model_cfg, kinds, vertices)
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = MAPConNet(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.optimizer)
-    step = 0
+    check_memory()
     if cfg.resume:
         if not (out / "checkpoint.pt").is_file():
             raise ValueError(f"--resume needs {out / 'checkpoint.pt'}, which does not exist; expected the --out "
@@ -417,25 +423,51 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
         ckpt.check_compatible(payload, model_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
         if not cfg.force_resume:
             check_same_run(payload, cfg, loss_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
+        _truncate_csv(out / "losses.csv", payload["step"])  # row s is the update from step s to s + 1
+        _truncate_csv(out / "val.csv", payload["step"] + 1)  # row s was validated before checkpoint s was written
+        return payload
+    payload = None
+    if cfg.init:
+        payload = ckpt.load(ckpt.resolve(cfg.init))
+        ckpt.check_compatible(payload, model_cfg, where=f"--init {cfg.init}")
+        payload = {"model": payload["model"]}
+    for name in existing:  # --overwrite, checked above; only after the checkpoints were read
+        (out / name).unlink()
+    return payload
+
+
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, dataset, val_dataset, out: Path,
+           team: Team, device: torch.device) -> dict:
+    sets = sample_sets(cfg, dataset)
+    kinds = active_kinds(cfg, sets)
+    vertices = dataset.num_vertices if dataset is not None else next(iter(sets.values())).num_vertices
+    with ExitStack() as locks:
+        payload = from_leader(team, lambda: _claim(cfg, model_cfg, loss_cfg, out, locks, lambda: check_step_memory(
+            cfg, model_cfg, kinds, vertices, team)))
+        return _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device, payload)
+
+
+def _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device, payload) -> dict:
+    """The training loop proper, on every rank; rank 0 also validates, logs and checkpoints."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = MAPConNet(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.optimizer)
+    step = 0
+    if payload is not None:
         model.load_state_dict(payload["model"])
+    if cfg.resume:
         optimizer.load_state_dict(payload["optimizer"])
         step = payload["step"]
         ckpt.set_rng_state(payload["rng"])
-        _truncate_csv(out / "losses.csv", step)  # row s is the update from step s to s + 1
-        _truncate_csv(out / "val.csv", step + 1)  # row s was validated before checkpoint s was written
-    else:
-        if cfg.init:
-            payload = ckpt.load(ckpt.resolve(cfg.init))
-            ckpt.check_compatible(payload, model_cfg, where=f"--init {cfg.init}")
-            model.load_state_dict(payload["model"])
-        for name in existing:  # --overwrite, checked above; only after the model and data are ready
-            (out / name).unlink()
 
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * cfg.pairs_per_epoch / cfg.batch_size)
     # Each kind's stream starts where `step` steps of the cycle left it, so a resumed run draws the
     # same samples as an uninterrupted one.
     drawn = lambda k, steps: sum(1 for s in range(steps) if kinds[s % len(kinds)] == k) * cfg.batch_size  # noqa: E731
-    streams = {k: iter(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=CountFrom(drawn(k, step)),
+    streams = {k: iter(torch.utils.data.DataLoader(ds, batch_size=local_batch(team, cfg.batch_size),
+                                                    sampler=ShardedCount(drawn(k, step), cfg.batch_size, team),
                                                     num_workers=cfg.workers))
                for k, ds in sets.items() if k in kinds}
     val_sets = {name: TestPairs(val_dataset, name) for name in ("unseen", "seen") if val_dataset.test_lists.get(name)}
@@ -451,7 +483,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
             "rng": ckpt.rng_state()})
 
     def validate():
-        if not cfg.val_pairs:  # --val-pairs 0: no validation, and no val.csv
+        if not cfg.val_pairs or not team.leader:  # --val-pairs 0: no validation, and no val.csv
             return
         pmd = {name: validation_pmd(model, pairs, device) for name, pairs in val_pairs.items()}
         row = {"step": step, "seconds": round(seconds_before + time.perf_counter() - start, 1)}
@@ -466,9 +498,11 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
     model.train()
     if cfg.compile:
         compile_for_training(model)
+    # the module the steps run: the model itself, or its DDP wrapper that averages the gradients
+    net = torch.nn.parallel.DistributedDataParallel(model) if team.world > 1 else model
     seconds_before = payload.get("seconds", 0.0) if cfg.resume else 0.0
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not team.leader)
     if step == 0:
         validate()  # the untrained model: the curve's starting point
     history = []
@@ -479,29 +513,34 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg.lr)
         with autocast:
-            losses = step_losses(model, batch, kind, loss_cfg)
+            losses = step_losses(net, batch, kind, loss_cfg)
             total_loss = weighted_total(losses, loss_cfg)
-        if not torch.isfinite(total_loss):
-            raise FloatingPointError(f"loss became {total_loss.item()} at step {step} ({kind} step)")
+        # the whole batch's values, so that every rank logs them and stops on the same step
+        logged = mean_over_ranks(team, torch.stack([total_loss.detach(), *(v.detach() for v in losses.values())]))
+        if not torch.isfinite(logged[0]):
+            raise FloatingPointError(f"loss became {logged[0].item()} at step {step} ({kind} step)")
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
-        row = {"step": step, "kind": kind, "lr": optimizer.param_groups[0]["lr"], "total": total_loss.item(),
-               **{k: v.item() for k, v in losses.items()}, "grad_norm": grad_norm.item()}
-        _append_csv(out / "losses.csv", row)
+        row = {"step": step, "kind": kind, "lr": optimizer.param_groups[0]["lr"],
+               **dict(zip(("total", *losses), logged.tolist())), "grad_norm": grad_norm.item(),
+               "seconds": round(seconds_before + time.perf_counter() - start, 3)}  # the run's clock after the step
+        if team.leader:
+            _append_csv(out / "losses.csv", row)
         history.append(row)
         step += 1
         bar.update(1)
         bar.set_postfix(total=f"{row['total']:.3f}", rec=f"{row['reconstruction']:.5f}", kind=kind)
         if step % cfg.val_every == 0 or step == total:
             validate()
-        if step % cfg.checkpoint_every == 0 or step == last:
+        if team.leader and (step % cfg.checkpoint_every == 0 or step == last):
             save_checkpoint()
     bar.close()
-    plot_curves(out)
-    print(f"trained {step} steps in {time.perf_counter() - start:.0f} s; checkpoint {out / 'checkpoint.pt'}, "
-          f"losses {out / 'losses.csv'}, curve {out / 'losses.png'}")
+    if team.leader:
+        plot_curves(out)
+        print(f"trained {step} steps in {time.perf_counter() - start:.0f} s; checkpoint {out / 'checkpoint.pt'}, "
+              f"losses {out / 'losses.csv'}, curve {out / 'losses.png'}")
     return {"step": step, "history": history, "out": out}
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mapconnet.model import MAPConNet, ModelConfig, instance_norm, nearest_vertices
+from mapconnet.model import CANCELLED_BIAS, MAPConNet, ModelConfig, instance_norm, nearest_vertices
 
 TINY = dict(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8))
 
@@ -129,7 +129,11 @@ def test_instance_norm_statistics():
 
 def test_initialisation():
     model = MAPConNet(ModelConfig(**TINY))
-    assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linears = dict((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    assert all(torch.all(m.bias == 0) for m in linears.values() if m.bias is not None)
+    # exactly the layers an instance norm follows have no bias (it would cancel)
+    assert {n for n, m in linears.items() if m.bias is None} == {
+        n for n in linears if CANCELLED_BIAS.fullmatch(f"{n}.bias")} != set()
     w = model.decoder.lift.weight
     assert 0 < w.std() < 0.02  # Xavier-normal, gain 0.02
     assert torch.all(model.decoder.out.weight == 0)  # residual: the untrained decoder adds nothing

@@ -1,0 +1,129 @@
+"""torchrun: 1 and 2 processes train the same model, resume across process counts, fail cleanly."""
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mapconnet import checkpoint as ckpt
+from mapconnet.distributed import ShardedCount, Team
+
+TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
+TINY = ["--feature-dim", "16", "--encoder-widths", "8", "16", "--residual-blocks", "1", "--decoder-widths", "16", "8",
+        "--backend", "chunked", "--no-compile", "--val-pairs", "1", "--val-every", "100", "--checkpoint-every", "100"]
+
+
+def _train(data, out, *args, processes=1):
+    """Run train.py on the tiny set (alone, or under torchrun with `processes` ranks); return the result."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*launcher, TRAIN, "--data", str(data), "--out", str(out), *TINY, *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def _losses(out):
+    with open(Path(out) / "losses.csv") as f:
+        return [{k: v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    return float((num / sum((a[k].double() ** 2).sum() for k in a)).sqrt())
+
+
+def test_ranks_share_the_global_batch():
+    """Rank r of W takes the r-th slice of every global batch; together they draw one process's sequence."""
+    single = ShardedCount(5, 4)
+    ranks = [ShardedCount(5, 4, Team(rank=r, world=2)) for r in range(2)]
+    take = lambda sampler, n: [i for i, _ in zip(sampler, range(n))]  # noqa: E731
+    assert take(single, 8) == list(range(5, 13))
+    assert take(ranks[0], 4) == [5, 6, 9, 10] and take(ranks[1], 4) == [7, 8, 11, 12]
+    with pytest.raises(ValueError, match="global batch and 3 does not split evenly over 2 processes"):
+        ShardedCount(0, 3, Team(rank=0, world=2))
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_trains_and_resume_across_counts(tiny_dataset, tmp_path):
+    """Semi-supervised (labelled and unlabelled steps, several forward passes per step), global batch 2:
+    one process for 4 steps; two processes for 2 steps, then --resume with two processes, and with one.
+    Same losses and weights to 1e-5 relative (only the order of floating-point sums differs)."""
+    args = ["--batch-size", "2", "--max-steps", "4", "--percentage", "50", "--use-unlabelled"]
+    _ok(_train(tiny_dataset, tmp_path / "one", *args))
+    _ok(_train(tiny_dataset, tmp_path / "two", *args, "--stop-after", "2", processes=2))
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    _ok(_train(tiny_dataset, tmp_path / "two", *args, "--resume", processes=2))
+    _ok(_train(tiny_dataset, tmp_path / "two-then-one", *args, "--resume"))
+
+    straight = ckpt.load(tmp_path / "one" / "checkpoint.pt")
+    expected = _losses(tmp_path / "one")
+    assert [r["kind"] for r in expected] == ["labelled", "cross_a", "labelled", "cross_b"]
+    for run in ("two", "two-then-one"):
+        saved = ckpt.load(tmp_path / run / "checkpoint.pt")
+        assert saved["step"] == 4 and saved["sampler"] == straight["sampler"]
+        assert _relative_difference(straight["model"], saved["model"]) <= 1e-5, run
+        rows = _losses(tmp_path / run)
+        assert [r["step"] for r in rows] == [r["step"] for r in expected]
+        for got, want in zip(rows, expected):
+            for term in ("total", "reconstruction", "edge", "mesh_contrastive", "point_contrastive"):
+                assert float(got[term]) == pytest.approx(float(want[term]), rel=1e-5), (run, got["step"], term)
+    assert not (tmp_path / "two" / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_job_with_its_message(tiny_dataset, tmp_path):
+    """Rank 0 refuses to train over an existing run: every rank stops (no hang) and the error is shown.
+    A global batch that does not split over the processes is refused by every rank."""
+    _ok(_train(tiny_dataset, tmp_path, "--batch-size", "2", "--max-steps", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    result = _train(tiny_dataset, tmp_path, "--batch-size", "2", "--max-steps", "1", processes=2)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "already holds a run" in output and "rank 0 failed, so rank 1 stops too" in output
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    result = _train(tiny_dataset, tmp_path / "odd", "--batch-size", "3", "--max-steps", "1", processes=2)
+    assert result.returncode != 0 and "3 does not split evenly over 2 processes" in result.stdout + result.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+def test_checkpoints_with_cancelled_biases_load_and_resume(tmp_path):
+    """A checkpoint from before the instance-normalised layers lost their biases: the biases (which
+    the norm cancels) are dropped from the weights and from Adam's state, and the model computes the
+    same function as the model that had them."""
+    from dataclasses import asdict
+
+    from mapconnet.model import CANCELLED_BIAS, MAPConNet, ModelConfig
+    from mapconnet.training import make_optimizer
+
+    cfg = ModelConfig(feature_dim=16, encoder_widths=(8, 16), residual_blocks=2, decoder_widths=(16, 8),
+                      backend="torch")
+    old = MAPConNet(cfg)
+    for name, module in old.named_modules():  # the old layout: a bias on every normalised layer
+        if CANCELLED_BIAS.fullmatch(f"{name}.bias"):  # of a trained bias's size (the norm cancels it up to rounding)
+            module.bias = torch.nn.Parameter(1e-3 * torch.randn(module.out_features))
+    assert sum(CANCELLED_BIAS.fullmatch(n) is not None for n, _ in old.named_parameters()) == 3 + 2 * 2
+    x, y = torch.randn(1, 40, 3), torch.randn(1, 40, 3)
+    optimizer = make_optimizer(old, 1e-3)
+    old(x, y).output.square().mean().backward()
+    optimizer.step()
+    ckpt.save(tmp_path / "old.pt", {"model": old.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "model_config": asdict(cfg)})
+
+    payload = ckpt.load(tmp_path / "old.pt")
+    new = MAPConNet(cfg)
+    new.load_state_dict(payload["model"])  # strict: nothing missing, nothing left over
+    resumed = make_optimizer(new, 1e-3)
+    resumed.load_state_dict(payload["optimizer"])
+    old_state = {n: optimizer.state[p] for n, p in old.named_parameters()}
+    for name, p in new.named_parameters():
+        assert torch.equal(resumed.state[p]["exp_avg"], old_state[name]["exp_avg"]), name
+    old.eval(), new.eval()
+    with torch.no_grad():
+        got, want = new(x, y).output, old(x, y).output
+    assert float((got - want).norm() / want.norm()) <= 1e-5  # float32 rounding of the cancelled bias only
