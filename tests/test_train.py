@@ -224,6 +224,7 @@ def test_validation_rows_and_the_runs_picture(tiny_dataset, tmp_path):
     (["--reconstruction", "-1000"], "--reconstruction must be >= 0, got -1000.0"),
     (["--tau", "0"], "--tau must be a finite number > 0, got 0.0"),
     (["--optimizer", "sgd"], "--optimizer must be one of"),
+    (["--species", "dog"], "--species must be one of ['human', 'quadruped'], got 'dog'"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_every_option_is_checked_when_parsed(argv, message, tmp_path, capsys):
@@ -233,6 +234,14 @@ def test_every_option_is_checked_when_parsed(argv, message, tmp_path, capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stream_validates_on_its_own_species(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="holds human bodies but --data stream draws --species quadruped"):
+        train.main(train.TrainConfig(data="stream", val_data=str(tiny_dataset), species="quadruped",
+                                     out=str(tmp_path / "run"), max_steps=1))
+    assert train.TrainConfig(data="stream", val_data="x", species="quadruped").stream_resolution == "smal"
     assert not (tmp_path / "run").exists()
 
 
