@@ -1,6 +1,7 @@
 """Every benchmark case runs here or is skipped for a stated, legitimate reason (no silent "not run")."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,21 @@ def test_every_benchmark_module_collects():
     for module in ("bench_softmax_attend", "bench_softmax_lse", "bench_info_nce", "bench_sinkhorn", "bench_chamfer",
                    "bench_train_step", "bench_default_step"):
         assert any(module in line for line in collected), f"no case collected from bench/{module}.py"
+
+
+def test_gpu_check_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    """bench/gpu_check.sh --dry-run: every stage's command, exit 0, nothing written; bad calls refused."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    out = tmp_path / "gpu"
+    dry = subprocess.run(["bash", str(script), "--dry-run", str(out)], capture_output=True, text=True,
+                         cwd=script.parents[1])
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split()[1] for line in dry.stdout.splitlines() if line.strip().startswith("stage")] == \
+        ["1", "2", "3", "4"]
+    assert "tests/test_triton.py" in dry.stdout and "bench_train_step.py" in dry.stdout and str(out) in dry.stdout
+    assert not out.exists()
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=script.parents[1])
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    if not torch.cuda.is_available():
+        here = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, cwd=script.parents[1])
+        assert here.returncode == 1 and "no CUDA device" in here.stderr and not out.exists()
