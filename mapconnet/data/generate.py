@@ -313,48 +313,70 @@ def _generate(args: GenerateConfig, work: Path) -> dict:
     V = W.shape[0] if W is not None else rest.shape[1]
     timings["resolution_map"] = round(time.perf_counter() - t, 2)
 
-    t = time.perf_counter()
-    vertices = np.lib.format.open_memmap(work / "vertices.npy", mode="w+", dtype=np.float32,
-                                         shape=(n_ids, n_poses, V, 3))
-    with tqdm(total=n_ids * n_poses, desc=f"meshes ({args.resolution}, {V} vertices)", unit="mesh") as bar:
-        for i in range(n_ids):
-            for p0 in range(0, n_poses, POSE_CHUNK):
-                chunk = poses[p0:p0 + POSE_CHUNK]
-                full = anny_body.posed_vertices(model, phenotypes[i:i + 1], chunk)  # (B, 13348, 3)
-                vertices[i, p0:p0 + len(chunk)] = apply_map(W, full)
-                bar.update(len(chunk))
-    vertices.flush()
-    np.save(work / "faces.npy", faces.astype(np.int64))
-    timings["meshes"] = round(time.perf_counter() - t, 2)
+    def meshes_of(i):
+        for p0 in range(0, n_poses, POSE_CHUNK):
+            chunk = poses[p0:p0 + POSE_CHUNK]
+            yield p0, apply_map(W, anny_body.posed_vertices(model, phenotypes[i:i + 1], chunk))  # (B, V, 3)
 
-    train_ids, test_ids = list(range(args.identities)), list(range(args.identities, n_ids))
-    train_poses, test_poses = list(range(args.poses)), list(range(args.poses, n_poses))
-    arguments = {k: v for k, v in asdict(args).items() if k not in ("out", "overwrite")}
-    manifest = {
-        "generator_version": GENERATOR_VERSION, "anny_version": anny_body.anny_version(),
-        "topology": anny_body.TOPOLOGY, "resolution": args.resolution, "num_vertices": int(V),
-        "num_faces": int(len(faces)), "num_identities": n_ids, "num_poses": n_poses,
-        "seed": args.seed, "arguments": arguments,
+    vertices = _write_meshes(work, args, (n_ids, n_poses, V), faces, meshes_of, timings)
+    body = {
+        "anny_version": anny_body.anny_version(), "topology": anny_body.TOPOLOGY,
         "phenotype_labels": list(anny_body.PHENOTYPES), "phenotypes": phenotypes.tolist(),
         "pose_bones": list(model.bone_labels),
         "pose_parameters_note": "rotation part (3x3, local-ref, rounded to 1e-6) of each pose's 104 bone transforms",
         "pose_parameters": poses[:, :, :3, :3].round(6).tolist(),
-        "collision_identities": [int(i) for i in heaviest],
+        "collision_identities": [int(i) for i in heaviest]}
+    preview = lambda path: _preview(path, vertices, faces, args.resolution, template_faces)  # noqa: E731
+    return _finish(work, args, rng, vertices, body, {"identities_bmi": id_rejected}, pose_rejected, preview,
+                   timings, start)
+
+
+def _write_meshes(work: Path, args: GenerateConfig, shape: tuple[int, int, int], faces: np.ndarray, meshes_of,
+                  timings: dict) -> np.ndarray:
+    """Write vertices.npy ((I, P, V, 3) float32, memory-mapped) and faces.npy; `meshes_of(i)` yields
+    (first pose, (B, V, 3) meshes) chunks of identity i in pose order. Returns the memory map."""
+    t = time.perf_counter()
+    n_ids, n_poses, V = shape
+    vertices = np.lib.format.open_memmap(work / "vertices.npy", mode="w+", dtype=np.float32,
+                                         shape=(n_ids, n_poses, V, 3))
+    with tqdm(total=n_ids * n_poses, desc=f"meshes ({args.resolution}, {V} vertices)", unit="mesh") as bar:
+        for i in range(n_ids):
+            for p0, chunk in meshes_of(i):
+                vertices[i, p0:p0 + len(chunk)] = chunk
+                bar.update(len(chunk))
+    vertices.flush()
+    np.save(work / "faces.npy", faces.astype(np.int64))
+    timings["meshes"] = round(time.perf_counter() - t, 2)
+    return vertices
+
+
+def _finish(work: Path, args: GenerateConfig, rng, vertices: np.ndarray, body: dict, rejections: dict,
+            pose_rejected: int, preview, timings: dict, start: float) -> dict:
+    """Write manifest.json (the splits, test lists, checksums and timings every dataset has, plus
+    the body model's own entries `body`) and, with --preview, preview.png (`preview(path)`)."""
+    n_ids, n_poses, V = vertices.shape[:3]
+    train_ids, test_ids = list(range(args.identities)), list(range(args.identities, n_ids))
+    train_poses, test_poses = list(range(args.poses)), list(range(args.poses, n_poses))
+    manifest = {
+        "generator_version": GENERATOR_VERSION, "species": args.species, "resolution": args.resolution,
+        "num_vertices": int(V), "num_faces": int(len(np.load(work / "faces.npy", mmap_mode="r"))),
+        "num_identities": n_ids, "num_poses": n_poses, "seed": args.seed,
+        "arguments": {k: v for k, v in asdict(args).items() if k not in ("out", "overwrite")},
+        **body,
         "train_identities": train_ids, "test_identities": test_ids,
         "train_poses": train_poses, "test_poses": test_poses,
         "test_lists": test_lists(rng, train_ids, test_ids, test_poses, args.test_pairs),
-        "rejections": {"identities_bmi": id_rejected, "poses_collision": pose_rejected,
+        "rejections": {**rejections, "poses_collision": pose_rejected,
                        "pose_rejection_rate": pose_rejected / (pose_rejected + n_poses)},
         "sha256": {name: sha256(work / name) for name in ("vertices.npy", "faces.npy")},
     }
     if args.preview:
         t = time.perf_counter()
-        _preview(work / "preview.png", vertices, faces, args.resolution, template_faces)
+        preview(work / "preview.png")
         timings["preview"] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - start, 2)
     manifest["seconds"] = timings
     write_text(work / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    del vertices
     return manifest
 
 
@@ -402,47 +424,19 @@ def _generate_quadruped(args: GenerateConfig, work: Path) -> dict:
     poses, pose_rejected = sample_animal_poses(model, quadruped.PoseSampler(), n_poses, rng, shapes)
     timings["sampling_poses"] = round(time.perf_counter() - t, 2)
 
-    t = time.perf_counter()
     V, faces = model.num_vertices, model.faces
-    vertices = np.lib.format.open_memmap(work / "vertices.npy", mode="w+", dtype=np.float32,
-                                         shape=(n_ids, n_poses, V, 3))
-    with tqdm(total=n_ids * n_poses, desc=f"meshes ({args.resolution}, {V} vertices)", unit="mesh") as bar:
-        for i in range(n_ids):
-            vertices[i] = model.posed_vertices(shapes[i:i + 1], poses)[0]
-            bar.update(n_poses)
-    vertices.flush()
-    np.save(work / "faces.npy", faces.astype(np.int64))
-    timings["meshes"] = round(time.perf_counter() - t, 2)
+    vertices = _write_meshes(work, args, (n_ids, n_poses, V), faces,
+                             lambda i: [(0, model.posed_vertices(shapes[i:i + 1], poses)[0])], timings)
 
-    train_ids, test_ids = list(range(args.identities)), list(range(args.identities, n_ids))
-    train_poses, test_poses = list(range(args.poses)), list(range(args.poses, n_poses))
-    arguments = {k: v for k, v in asdict(args).items() if k not in ("out", "overwrite")}
-    manifest = {
-        "generator_version": GENERATOR_VERSION, "species": "quadruped",
-        "quadruped_version": quadruped.MODEL_VERSION, "resolution": args.resolution, "num_vertices": int(V),
-        "num_faces": int(len(faces)), "num_identities": n_ids, "num_poses": n_poses,
-        "seed": args.seed, "arguments": arguments,
+    body = {
+        "quadruped_version": quadruped.MODEL_VERSION,
         "shape_labels": list(quadruped.SHAPE_LABELS), "shapes": shapes.round(6).tolist(), "families": families,
         "pose_joints": list(quadruped.JOINTS),
         "pose_parameters_note": "per joint (pitch about X, roll about Y, yaw about Z) in degrees, R = Rz Ry Rx in "
                                 "the joint's world-aligned rest frame (mapconnet.data.quadruped), rounded to 1e-4",
-        "pose_parameters": poses.round(4).tolist(),
-        "train_identities": train_ids, "test_identities": test_ids,
-        "train_poses": train_poses, "test_poses": test_poses,
-        "test_lists": test_lists(rng, train_ids, test_ids, test_poses, args.test_pairs),
-        "rejections": {"poses_collision": pose_rejected,
-                       "pose_rejection_rate": pose_rejected / (pose_rejected + n_poses)},
-        "sha256": {name: sha256(work / name) for name in ("vertices.npy", "faces.npy")},
-    }
-    if args.preview:
-        t = time.perf_counter()
-        _preview(work / "preview.png", vertices, faces, args.resolution, faces, families)
-        timings["preview"] = round(time.perf_counter() - t, 2)
-    timings["total"] = round(time.perf_counter() - start, 2)
-    manifest["seconds"] = timings
-    write_text(work / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    del vertices
-    return manifest
+        "pose_parameters": poses.round(4).tolist()}
+    preview = lambda path: _preview(path, vertices, faces, args.resolution, faces, families)  # noqa: E731
+    return _finish(work, args, rng, vertices, body, {}, pose_rejected, preview, timings, start)
 
 
 if __name__ == "__main__":
