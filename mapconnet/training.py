@@ -404,7 +404,7 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
 
 
 def _claim(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, out: Path, locks: ExitStack,
-           check_memory) -> dict | None:
+           kinds: list[str], vertices: int, team: Team) -> dict | None:
     """What rank 0 does before training: lock OUT (held until `locks` closes), refuse to lose a
     run, check the memory, read the checkpoint of --resume or --init and only then clear the
     files of --overwrite or the log rows a resumed run will write again. Returns the checkpoint
@@ -414,7 +414,7 @@ def _claim(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, out: 
     if existing and not cfg.resume and not cfg.overwrite:
         raise FileExistsError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
                               "it, --overwrite to start afresh (deletes only those files), or choose another --out")
-    check_memory()
+    check_step_memory(cfg, model_cfg, kinds, vertices, team)
     if cfg.resume:
         if not (out / "checkpoint.pt").is_file():
             raise ValueError(f"--resume needs {out / 'checkpoint.pt'}, which does not exist; expected the --out "
@@ -442,8 +442,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, datas
     kinds = active_kinds(cfg, sets)
     vertices = dataset.num_vertices if dataset is not None else next(iter(sets.values())).num_vertices
     with ExitStack() as locks:
-        payload = from_leader(team, lambda: _claim(cfg, model_cfg, loss_cfg, out, locks, lambda: check_step_memory(
-            cfg, model_cfg, kinds, vertices, team)))
+        payload = from_leader(team, lambda: _claim(cfg, model_cfg, loss_cfg, out, locks, kinds, vertices, team))
         return _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device, payload)
 
 
