@@ -224,6 +224,7 @@ def test_validation_rows_and_the_runs_picture(tiny_dataset, tmp_path):
     (["--reconstruction", "-1000"], "--reconstruction must be >= 0, got -1000.0"),
     (["--tau", "0"], "--tau must be a finite number > 0, got 0.0"),
     (["--optimizer", "sgd"], "--optimizer must be one of"),
+    (["--warmup-steps", "-2"], "--warmup-steps must be >= 0, got -2"),
     (["--species", "dog"], "--species must be one of ['human', 'quadruped'], got 'dog'"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
@@ -263,6 +264,27 @@ def test_gradient_clipping_and_its_log(tiny_dataset, tmp_path):
     assert free[1]["total"] != pytest.approx(clipped[1]["total"], rel=1e-6)
     with open(tmp_path / "clip" / "losses.csv") as f:
         assert "grad_norm" in next(csv.reader(f))
+
+
+def test_the_learning_rate_schedule():
+    """Warm-up from lr / warmup to lr, constant to the half, linear decay to 0 at the end."""
+    assert [train.lr_at(s, 8, 1.0) for s in range(8)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [train.lr_at(s, 8, 1.0, warmup=4) for s in range(8)] == [0.25, 0.5, 0.75, 1, 1, 0.75, 0.5, 0.25]
+
+
+def test_warm_up_is_logged_and_a_run_from_before_it_resumes(tiny_dataset, tmp_path):
+    """losses.csv shows the warm-up; a checkpoint written before --warmup-steps existed resumes as
+    a run without warm-up (and refuses one that would add it)."""
+    rows = _run(tiny_dataset, tmp_path / "warm", max_steps=4, batch_size=1, warmup_steps=2, lr=1e-3)["history"]
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+    _run(tiny_dataset, tmp_path / "old", max_steps=4, stop_after=2, batch_size=1)
+    path = tmp_path / "old" / "checkpoint.pt"
+    payload = ckpt.load(path)
+    del payload["train_config"]["warmup_steps"]
+    ckpt.save(path, payload)
+    with pytest.raises(ValueError, match="--warmup-steps"):
+        _run(tiny_dataset, tmp_path / "old", max_steps=4, batch_size=1, resume=True, warmup_steps=2)
+    assert _run(tiny_dataset, tmp_path / "old", max_steps=4, batch_size=1, resume=True)["history"][-1]["step"] == 3
 
 
 def test_a_resumed_log_keeps_its_columns(tmp_path):
