@@ -51,36 +51,57 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_blocks import NUM_STAGES, chunk_block, device_capability, pow2_block
 from ._validate import accumulation_dtype
 
 # Block-size caps. BLOCK_N (queries) and BLOCK_M (keys) are 64 on a GPU-sized problem (the usual
 # flash-attention tile; 16 for tiny N or M so the dot shapes stay legal and little is padded).
-# BLOCK_C / BLOCK_D chunk the contractions and the wide outputs.
+# BLOCK_C / BLOCK_D chunk the contractions and the wide outputs; on a GPU `block_config` may
+# choose a smaller chunk so that the tiles fit the device's shared memory.
 MAX_BLOCK_N = 64
 MAX_BLOCK_M = 64
 MAX_BLOCK_C = 128
 MAX_BLOCK_D = 128
-MIN_BLOCK = 16  # the smallest legal dot K for 16-bit operands on NVIDIA
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block(n: int, cap: int) -> int:
-    return min(cap, max(MIN_BLOCK, triton.next_power_of_2(n)))
-
-
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
        torch.float64: tl.float64}
 
 
-def _meta(q, k, d=None):
-    """Compile-time parameters of a launch: block sizes by shape, dtypes by input dtype."""
-    N, M, C = q.shape[1], k.shape[1], q.shape[2]
+def block_config(N: int, M: int, C: int, D: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> dict:
+    """Block sizes, warps and pipeline depth of the softmax kernels for queries (B, N, C), keys
+    (B, M, C) and values (B, M, D) (D = 1 without values) of `dtype`, on a CUDA device of
+    `capability` (major, minor), or None off a GPU (the interpreter), where only the shape caps apply.
+
+    Shared memory holds the dot operands in flight: each step of the contraction over C loads a
+    (BLOCK_N, BLOCK_C) and a (BLOCK_C, BLOCK_M) tile (q and k; k and q in the dk kernel), each step
+    over D a (BLOCK_N, BLOCK_D) and a (BLOCK_D, BLOCK_M) tile (dO and v), and Triton pipelines up to
+    NUM_STAGES steps: NUM_STAGES * (BLOCK_N + BLOCK_M) * chunk * itemsize bytes. The chunks are sized
+    for the largest tiles (64 + 64 rows), so they depend on dtype and device only: 128 for 16-bit
+    inputs; for fp32 128 on sm_90 and 64 on sm_80/86/89 (fp32 at 128 took 128 KiB, over the 99 KiB of
+    sm_86/89; the 3 copies of the estimate would exceed sm_80's 163 KiB too); for fp64 64 on sm_90 and
+    32 elsewhere. Results depend on the chunks only through the order of the fp32 (fp64) sums.
+    """
+    rows = MAX_BLOCK_N + MAX_BLOCK_M
+    BLOCK_C = chunk_block(C, MAX_BLOCK_C, rows * dtype.itemsize, capability)
+    BLOCK_D = chunk_block(D, MAX_BLOCK_D, rows * dtype.itemsize, capability)
+    return dict(
+        BLOCK_N=pow2_block(N, MAX_BLOCK_N), BLOCK_M=pow2_block(M, MAX_BLOCK_M), BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
+        ONE_C=C <= BLOCK_C, ONE_D=D <= BLOCK_D,
+        # 8 warps spread the wide (BLOCK_C = 128) tiles' registers over twice the threads.
+        num_warps=8 if BLOCK_C >= 128 else 4, num_stages=NUM_STAGES,
+    )
+
+
+def _meta(q, k, d=1):
+    """Compile-time parameters of a launch: blocks by shape, dtype and device; dtypes by input dtype."""
     acc = accumulation_dtype(q.dtype)
-    meta = dict(
-        BLOCK_N=_block(N, MAX_BLOCK_N), BLOCK_M=_block(M, MAX_BLOCK_M), BLOCK_C=_block(C, MAX_BLOCK_C),
+    meta = block_config(q.shape[1], k.shape[1], q.shape[2], d, q.dtype, device_capability(q.device))
+    meta.update(
         IN_DTYPE=_TL[q.dtype], ACC=_TL[acc],
         # The interpreter's dot is np.matmul: widen operands (bf16 would multiply raw bits).
         DOT_DTYPE=_TL[acc] if _interpreting() else _TL[q.dtype],
@@ -88,10 +109,6 @@ def _meta(q, k, d=None):
         DOT_PRECISION="tf32" if (q.is_cuda and q.dtype == torch.float32
                                  and torch.backends.cuda.matmul.allow_tf32) else "ieee",
     )
-    meta["ONE_C"] = C <= meta["BLOCK_C"]
-    if d is not None:
-        meta["BLOCK_D"] = _block(d, MAX_BLOCK_D)
-        meta["ONE_D"] = d <= meta["BLOCK_D"]
     return meta
 
 
@@ -477,10 +494,6 @@ def _strides3(t):
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _num_warps(meta) -> int:
-    return 8 if meta["BLOCK_C"] >= 128 else 4
-
-
 def _softmax_fwd(q, k, v, bias, scale):
     """Launch the forward. Returns (out (B, N, D) or None, lse (B, N)), both in the ACC dtype."""
     _check(q, k, v, bias)
@@ -502,7 +515,7 @@ def _softmax_fwd(q, k, v, bias, scale):
         HAS_V=v is not None, HAS_BIAS=bias is not None, ONE_D=meta["ONE_D"],
         BLOCK_N=meta["BLOCK_N"], BLOCK_M=meta["BLOCK_M"], BLOCK_C=meta["BLOCK_C"], BLOCK_D=meta["BLOCK_D"],
         IN_DTYPE=meta["IN_DTYPE"], DOT_DTYPE=meta["DOT_DTYPE"], DOT_PRECISION=meta["DOT_PRECISION"],
-        ACC=meta["ACC"], num_warps=_num_warps(meta),
+        ACC=meta["ACC"], num_warps=meta["num_warps"], num_stages=meta["num_stages"],
     )
     return out, lse_out
 
@@ -521,7 +534,8 @@ def _softmax_bwd(q, k, v, bias, scale, lse_saved, rowvec, dout, need_q, need_kvb
     common = dict(HAS_V=v is not None, HAS_BIAS=bias is not None, ONE_C=meta["ONE_C"],
                   BLOCK_N=meta["BLOCK_N"], BLOCK_M=meta["BLOCK_M"], BLOCK_C=meta["BLOCK_C"],
                   BLOCK_D=meta["BLOCK_D"], IN_DTYPE=meta["IN_DTYPE"], DOT_DTYPE=meta["DOT_DTYPE"],
-                  DOT_PRECISION=meta["DOT_PRECISION"], ACC=meta["ACC"], num_warps=_num_warps(meta))
+                  DOT_PRECISION=meta["DOT_PRECISION"], ACC=meta["ACC"], num_warps=meta["num_warps"],
+                  num_stages=meta["num_stages"])
     v_arg = v if v is not None else q
     bias_arg = bias if bias is not None else q
     do_arg = dout if dout is not None else q
@@ -568,7 +582,7 @@ def _argmax_fwd(q, k, bias, scale):
         *_strides3(q), *_strides3(k), *_strides2(bias), *_strides2(idx),
         HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BLOCK_M=meta["BLOCK_M"], BLOCK_C=meta["BLOCK_C"],
         DOT_DTYPE=meta["DOT_DTYPE"], DOT_PRECISION=meta["DOT_PRECISION"], ACC=meta["ACC"],
-        num_warps=_num_warps(meta),
+        num_warps=meta["num_warps"], num_stages=meta["num_stages"],
     )
     return idx
 
