@@ -295,8 +295,8 @@ def test_nearest_ragged(shape):
 
 
 def test_nearest_ties_non_contiguous_and_float64():
-    """Duplicated candidates (same tile and across 64-wide tiles) resolve to the smallest index,
-    like torch.argmin; strided inputs and float64 work; near neighbours at 1e-4 separation on a
+    """Duplicated candidates (indices 3, 90 and 150: across 32-wide key tiles) resolve to the smallest
+    index, like torch.argmin; strided inputs and float64 work; near neighbours at 1e-4 separation on a
     unit-scale cloud are resolved (the |x|^2 - 2xy + |y|^2 expansion can fail there)."""
     B, N, M = 2, 40, 200
     y = torch.rand(B, M, 3, dtype=torch.float64, device=DEVICE) + 10.0  # far from the origin
