@@ -52,7 +52,7 @@ from tqdm import tqdm
 import kernels
 from mapconnet.data import anny_body
 from mapconnet.data.resolution import resolution_map
-from mapconnet.transfer import METRE_HEIGHTS, UNITS, UP_ROTATIONS, Frame
+from mapconnet.transfer import METRE_HEIGHTS, UNITS, Frame, up_rotation
 
 FIT_RESOLUTIONS = ("lite", "smpl", "full")
 MIN_POINTS = 100  # fewer points cannot constrain 28 bones and a body shape
@@ -312,16 +312,9 @@ def prepare_scan(points, up: str = "auto", name: str = "scan") -> tuple[np.ndarr
         shape = "a line" if spread[1] <= DEGENERATE_RATIO * spread[0] else "a plane"
         raise ValueError(f"{name} is degenerate: its points lie on {shape} (principal spreads "
                          f"{np.round(spread / spread[0], 5).tolist()}); expected a 3-D body surface")
-    if up not in ("auto", *UP_ROTATIONS):
-        raise ValueError(f"up must be auto, z or y, got {up!r}")
     extent = np.ptp(p, axis=0)
-    notes = []
-    if up == "auto":
-        up = "y" if extent[1] > 1.5 * extent[2] else "z"
-        if up == "y":
-            notes.append(f"{name} looks Y-up (extent {extent[1]:.3g} along Y, {extent[2]:.3g} along Z): rotated to "
-                         "Z-up for the fit; fit.ply is rotated back (--up z keeps it as it is)")
-    rotation = UP_ROTATIONS[up]
+    rotation, note = up_rotation(extent, up, name)
+    notes = [f"{note} for the fit; fit.ply is rotated back (--up z keeps it as it is)"] if note else []
     height = float(extent @ np.abs(rotation[2]))
     unit = next(((f, u) for f, u in UNITS if METRE_HEIGHTS[0] <= height * f <= METRE_HEIGHTS[1]), None)
     if unit is None:

@@ -45,6 +45,24 @@ MIN_VERTICES = 100  # anny's coarsest body has 1,723; fewer is not a body
 UP_ROTATIONS = {"z": np.eye(3), "y": np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])}
 
 
+def check_up(up: str) -> None:
+    """Refuse an --up value other than auto, z or y."""
+    if up not in ("auto", *UP_ROTATIONS):
+        raise ValueError(f"--up must be auto, z or y, got {up!r}")
+
+
+def up_rotation(extent: np.ndarray, up: str, name: str) -> tuple[np.ndarray, str | None]:
+    """The rotation (3, 3) that makes a body with axis extents `extent` (3,) Z-up, and a note when
+    "auto" found it Y-up (taller along Y than along Z by 1.5x), else None."""
+    check_up(up)
+    if up == "auto":
+        up = "y" if extent[1] > 1.5 * extent[2] else "z"
+        if up == "y":
+            return UP_ROTATIONS["y"], (f"{name} looks Y-up (extent {extent[1]:.3g} along Y, {extent[2]:.3g} "
+                                       "along Z): rotated to Z-up")
+    return UP_ROTATIONS[up], None
+
+
 @dataclass
 class Frame:
     """How a mesh was put into the training frame: model = ((v - centre) @ rotation.T) * scale."""
@@ -70,18 +88,12 @@ def normalise(vertices: np.ndarray, up: str = "auto", name: str = "mesh") -> tup
     if len(vertices) < MIN_VERTICES:
         raise ValueError(f"{name} has {len(vertices)} vertices; a body mesh needs at least {MIN_VERTICES} "
                          "(anny's coarsest has 1,723)")
-    if up not in ("auto", *UP_ROTATIONS):
-        raise ValueError(f"--up must be auto, z or y, got {up!r}")
+    check_up(up)
     extent = np.ptp(vertices, axis=0)
     if (extent <= 0).any():
         raise ValueError(f"{name} is flat (extents {np.round(extent, 4).tolist()}); expected a 3-D body")
-    notices = []
-    if up == "auto":
-        up = "y" if extent[1] > 1.5 * extent[2] else "z"
-        if up == "y":
-            notices.append(f"{name} looks Y-up (extent {extent[1]:.3g} along Y, {extent[2]:.3g} along Z): rotated "
-                           "to Z-up for the model and back for the output (--up z keeps it as it is)")
-    rotation = UP_ROTATIONS[up]
+    rotation, note = up_rotation(extent, up, name)
+    notices = [f"{note} for the model and back for the output (--up z keeps it as it is)"] if note else []
     centre = (vertices.max(0) + vertices.min(0)) / 2
     height = float(extent @ np.abs(rotation[2]))  # the extent along the up axis
     unit = next(((f, u) for f, u in UNITS if METRE_HEIGHTS[0] <= height * f <= METRE_HEIGHTS[1]), None)
