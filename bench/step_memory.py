@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench._harness import _status_kb
 from mapconnet.cli import POSITIVE, at_least, check_ranges, parse_dataclass, run_command
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
@@ -27,7 +28,10 @@ from mapconnet.training import make_optimizer
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    """This process's resident high-water mark. VmHWM where Linux has it: ru_maxrss survives exec, so
+    a child started from a large parent (pytest after loading anny) would report the parent's peak."""
+    kib = _status_kb("VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
 
 
 def random_training_step(backend: str, n: int, batch: int, *, m: int | None = None, device="cpu",
