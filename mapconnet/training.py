@@ -268,7 +268,8 @@ def plot_curves(out: Path) -> None:
     axes[0].legend(fontsize=8)
     val = read_validation_rows(out)
     curves = (("pmd", "unseen", "o-"), ("pmd_seen", "seen", "s-"), ("warped_pmd", "unseen, warped mesh", "o:"),
-              ("warped_pmd_seen", "seen, warped mesh", "s:"))
+              ("warped_pmd_seen", "seen, warped mesh", "s:"), ("perfect_warp_pmd", "unseen, perfect warp", "--"),
+              ("perfect_warp_pmd_seen", "seen, perfect warp", "-."))
     for column, label, style in curves:
         if val and column in val[0]:
             axes[1].plot([int(r["step"]) for r in val], [float(r[column]) * 1e4 for r in val], style, ms=3, label=label)
@@ -278,6 +279,7 @@ def plot_curves(out: Path) -> None:
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("PMD (x 1e-4)")
     axes[1].set_title("validation PMD (held-out test pairs)")
+    fig.tight_layout()  # the log axis's minor tick labels otherwise run into the y label
     save_figure(fig, out / "losses.png")
 
 
