@@ -30,7 +30,7 @@ import math
 import random
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,9 @@ OPTIMIZERS = {"published": {"betas": (0.0, 0.9), "eps": 1e-3}, "adam": {"betas":
 class TrainConfig:
     data: str = DEMO_DATA  # dataset folder, or "stream"; the demo set is built if this default is missing
     val_data: str = ""  # dataset whose test lists validate (default: --data; needed with --data stream)
-    species: str = "human"  # body model of --data stream: human (anny) or quadruped (mapconnet.data.quadruped)
+    # body model of --data stream: human (anny) or quadruped (mapconnet.data.quadruped); a run on a
+    # dataset folder records the folder's species here (what mapconnet-transfer reads)
+    species: str = "human"
     stream_resolution: str = ""  # mesh resolution of --data stream (default: lite for humans, smal for animals)
     out: str = "runs/demo"
     batch_size: int = 2
@@ -199,6 +201,8 @@ def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where:
     saved_train, saved_loss = payload.get("train_config", {}), payload.get("loss_config", {})
     # runs from before animal mode trained humans; runs from before warm-up had none
     saved_train = {"species": "human", "warmup_steps": 0, **saved_train}
+    if cfg.data != STREAM:  # the folder decides the species (and runs before this recorded "human")
+        saved_train.pop("species")
     diff = {f"--{k.replace('_', '-')}": (saved_train.get(k), getattr(cfg, k)) for k in RUN_FIELDS
             if k in saved_train and saved_train[k] != getattr(cfg, k)}
     diff.update({f"--{k.replace('_', '-')}": (v, getattr(loss_cfg, k)) for k, v in saved_loss.items()
@@ -367,6 +371,11 @@ def _open_data(cfg: TrainConfig):
             raise ValueError(f"{flag} {folder} does not exist or is not a folder; expected a dataset folder written "
                              f"by `python -m mapconnet.data.generate --out {folder} ...`, or --data stream")
         opened[folder] = opened.get(folder) or open_dataset(folder, verify=True)
+    if cfg.data != STREAM:
+        folder_species = opened[cfg.data].manifest.get("species", "human")
+        if cfg.species not in ("human", folder_species):  # "human" is the default: only a given value can clash
+            raise ValueError(f"--species {cfg.species} but --data {cfg.data} holds {folder_species} bodies; a dataset "
+                             "folder's own species is used (--species chooses the body model of --data stream)")
     if cfg.data == STREAM:
         val_species = opened[cfg.val_data].manifest.get("species", "human")
         if val_species != cfg.species:
@@ -409,6 +418,8 @@ def main(cfg: TrainConfig, model_cfg: ModelConfig | None = None, loss_cfg: LossC
         local_batch(team, cfg.batch_size)
         from_leader(team, lambda: prepare_demo_data(cfg))
         dataset, val_dataset = _open_data(cfg)
+        if dataset is not None:
+            cfg = replace(cfg, species=dataset.manifest.get("species", "human"))
         return _train(cfg, model_cfg, loss_cfg, dataset, val_dataset, Path(cfg.out), team, torch.device(device))
     finally:
         leave(team)

@@ -32,3 +32,15 @@ def tiny_dataset(tmp_path_factory):
     generate(["--out", str(out), "--identities", "3", "--poses", "4", "--test-identities", "2",
               "--test-poses", "2", "--seed", "0", "--resolution", "lite", "--test-pairs", "6"])
     return out
+
+
+@pytest.fixture(scope="session")
+def animal_dataset(tmp_path_factory):
+    """A real quadruped dataset (`mapconnet.data.quadruped`, 3,889 vertices): 3 train identities x
+    3 train poses, 2 test identities x 2 test poses, families in turn. Returns its folder."""
+    from mapconnet.data.generate import main as generate
+
+    out = tmp_path_factory.mktemp("data") / "animals"
+    generate(["--out", str(out), "--species", "quadruped", "--identities", "3", "--poses", "3",
+              "--test-identities", "2", "--test-poses", "2", "--seed", "0", "--test-pairs", "4"])
+    return out

@@ -10,6 +10,7 @@ import torch
 
 from mapconnet import checkpoint as ckpt
 from mapconnet.distributed import ShardedCount, Team
+from mapconnet.training import parse_and_train
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
 TINY = ["--feature-dim", "16", "--encoder-widths", "8", "16", "--residual-blocks", "1", "--decoder-widths", "16", "8",
@@ -74,6 +75,34 @@ def test_two_processes_train_what_one_trains_and_resume_across_counts(tiny_datas
             for term in ("total", "reconstruction", "edge", "mesh_contrastive", "point_contrastive"):
                 assert float(got[term]) == pytest.approx(float(want[term]), rel=1e-5), (run, got["step"], term)
     assert not (tmp_path / "two" / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_trains_from_the_stream(tiny_dataset, tmp_path):
+    """--data stream: stream item g is a function of (seed, g) only, so the ranks' slices of a global
+    batch are the single process's samples. Semi-supervised for 3 steps draws from the labelled and
+    an unlabelled stream (labelled, cross_a, labelled), global batch 2: one process straight; two
+    processes for 2 steps, then --resume with one. Same losses and weights to 1e-5 relative.
+    The single-process runs are train.py's command line in this process, which saves starting a
+    Python and loading anny again (the fixture loaded it); only the torchrun job starts processes."""
+    args = [*TINY, "--val-data", str(tiny_dataset), "--val-pairs", "0", "--batch-size", "2", "--max-steps", "3",
+            "--percentage", "50", "--use-unlabelled"]
+    parse_and_train(["--data", "stream", "--out", str(tmp_path / "one"), *args])
+    _ok(_train("stream", tmp_path / "two", *args[len(TINY):], "--stop-after", "2", processes=2))
+    assert [r["kind"] for r in _losses(tmp_path / "two")] == ["labelled", "cross_a"]
+    parse_and_train(["--data", "stream", "--out", str(tmp_path / "two"), *args, "--resume"])
+
+    straight, resumed = (ckpt.load(tmp_path / run / "checkpoint.pt") for run in ("one", "two"))
+    assert resumed["step"] == 3 and resumed["sampler"] == straight["sampler"]
+    assert (straight["sampler"]["labelled"], straight["sampler"]["cross_a"]) == (4, 2)  # global samples drawn
+    assert _relative_difference(straight["model"], resumed["model"]) <= 1e-5
+    expected, rows = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [r["kind"] for r in expected] == ["labelled", "cross_a", "labelled"]
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for got, want in zip(rows, expected):
+        for term in ("total", "reconstruction", "edge", "mesh_contrastive", "point_contrastive"):
+            assert float(got[term]) == pytest.approx(float(want[term]), rel=1e-5), (got["step"], term)
+    assert not (tmp_path / "two" / "val.csv").exists()  # --val-pairs 0: the stream run validates nothing
 
 
 @pytest.mark.slow

@@ -246,6 +246,13 @@ def test_a_stream_validates_on_its_own_species(tiny_dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_run_takes_the_folders_species(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="--species quadruped but --data .* holds human bodies"):
+        train.main(train.TrainConfig(data=str(tiny_dataset), species="quadruped", out=str(tmp_path / "run"),
+                                     max_steps=1))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_step_that_cannot_fit_is_refused_before_anything_is_written(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "available_memory", lambda: 2**30)
     with pytest.raises(MemoryError, match=r"--batch-size 64 on 1,723-vertex meshes needs about .* GiB but 1.0 GiB "

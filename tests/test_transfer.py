@@ -1,12 +1,19 @@
 """The transfer command: any pair of meshes, different vertex counts, folders of frames, errors."""
 import numpy as np
 import pytest
+import torch
 import trimesh
-from test_evaluate import tiny_checkpoint  # noqa: F401  (session fixture)
+from test_evaluate import TINY, tiny_checkpoint  # noqa: F401  (session fixture)
 
+from mapconnet import checkpoint as ckpt
+from mapconnet import training as train
 from mapconnet import transfer
-from mapconnet.data import open_dataset
+from mapconnet.checkpoint import load_model
+from mapconnet.data import open_dataset, quadruped
 from mapconnet.meshio import save_mesh
+from mapconnet.model import ModelConfig
+
+Y_UP = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # (x, y, z) -> (x, z, -y): a Z-up mesh written Y-up
 
 
 @pytest.fixture()
@@ -71,7 +78,7 @@ def test_normalise_reads_units_and_maps_back(body):
 
 
 def test_normalise_detects_y_up(body):
-    y_up = body @ np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]).T  # (x, y, z) -> (x, z, -y): Y is up
+    y_up = body @ Y_UP.T
     normalised, frame, notices = transfer.normalise(y_up)
     z_up, _, _ = transfer.normalise(body)
     np.testing.assert_allclose(normalised, z_up, atol=1e-9)
@@ -140,3 +147,143 @@ def test_command_line_errors_are_one_line(meshes, tiny_checkpoint, tmp_path, cap
     with pytest.raises(SystemExit) as done:
         transfer.cli(["--pose", str(pose), *argv[2:]])
     assert done.value.code == 0
+
+
+# ---------------------------------------------------------------- animals
+
+
+@pytest.fixture(scope="session")
+def animal_checkpoint(animal_dataset, tmp_path_factory):
+    """One step on the tiny quadruped set, trained as README's animal command does: a dataset folder
+    and no --species (train.py records the folder's species)."""
+    out = tmp_path_factory.mktemp("animal-run")
+    train.main(train.TrainConfig(data=str(animal_dataset), out=str(out), batch_size=1, max_steps=1, val_pairs=0,
+                                 compile=False),
+               ModelConfig(**TINY))
+    return out / "checkpoint.pt"
+
+
+def test_animal_training_frame_is_the_quadruped_models():
+    """TRAIN_ANIMAL_SIZE_RANGE (bounding-box diagonals) and the animal proportions are those of the
+    training animals (every family, the generator's identity and pose samplers, poses that pass the
+    collision test; metres, Z up, front -Y): the constants hold every sampled animal and are not
+    much wider. Some animals are taller than long, so "auto" cannot tell an animal's up axis."""
+    model = quadruped.load_model()
+    rng = np.random.default_rng(1)
+    extents = []
+    for family in quadruped.FAMILIES:
+        shapes = quadruped.sample_identities([family] * 6, rng)
+        poses = np.stack([quadruped.PoseSampler().sample(rng) for _ in range(30)])
+        meshes = model.posed_vertices(shapes, poses)[~model.collisions(shapes, poses)]  # (n, V, 3)
+        extents.append(np.ptp(meshes.astype(np.float64), axis=1))
+    width, length, height = np.concatenate(extents).T
+    size = np.sqrt(width ** 2 + length ** 2 + height ** 2)
+    for what, values, (lo, hi) in (("size", size, transfer.TRAIN_ANIMAL_SIZE_RANGE),
+                                   ("width/length", width / length, transfer.TRAIN_ANIMAL_WIDTH_PER_LENGTH),
+                                   ("height/length", height / length, transfer.TRAIN_ANIMAL_HEIGHT_PER_LENGTH)):
+        assert lo <= values.min() and values.max() <= hi, (what, values.min(), values.max())
+    # the sizes that are scaled into: no wider than the animals need (the proportions only feed a note,
+    # and a sample this small does not reach their rare extremes)
+    lo, hi = transfer.TRAIN_ANIMAL_SIZE_RANGE
+    assert size.min() <= lo * 1.25 and size.max() >= hi / 1.25, (size.min(), size.max())
+    assert 0.05 < (height > length).mean() < 0.5  # often taller than long, but mostly longer
+
+
+def test_normalise_animals(animal_dataset):
+    """An animal in centimetres, Y up (--up y) and off-centre comes back to the training frame
+    exactly (the human rules would stand it on its tail); "auto" keeps Z up and says so;
+    millimetres are read; a real cat's size is scaled into the training sizes; Frame.back
+    inverts each; a size no animal has is refused."""
+    animal = open_dataset(animal_dataset).mesh(0, 0).astype(np.float64)  # the training frame
+    animal -= (animal.max(0) + animal.min(0)) / 2  # float64 centring of the float32-centred mesh
+    diagonal = np.linalg.norm(np.ptp(animal, 0))
+    normalised, frame, notices = transfer.normalise(animal, up="z", species="quadruped")
+    np.testing.assert_allclose(normalised, animal, atol=1e-12)
+    assert frame.scale == 1.0 and notices == []
+    assert transfer.normalise(animal, species="quadruped")[2] == [transfer.ANIMAL_UP_NOTE]
+    in_file = animal @ Y_UP.T * 100 + [20.0, 35.0, -10.0]
+    normalised, frame, notices = transfer.normalise(in_file, up="y", species="quadruped")
+    np.testing.assert_allclose(normalised, animal, atol=1e-12)
+    assert notices == [f"mesh is {diagonal * 100:.4g} units across (bounding-box diagonal): read as centimetres "
+                       f"({diagonal:.2f} m)"]
+    np.testing.assert_allclose(frame.back(normalised), in_file, atol=1e-10)
+    assert not np.allclose(transfer.normalise(in_file)[0], animal, atol=0.05)  # as a human: on its tail
+
+    normalised, frame, notices = transfer.normalise(animal * 1000, up="z", species="quadruped")
+    np.testing.assert_allclose(normalised, animal, atol=1e-9)
+    assert len(notices) == 1 and "read as millimetres" in notices[0]
+    cat = animal * (0.6 / diagonal)  # a real cat, 0.6 m across
+    normalised, frame, notices = transfer.normalise(cat, up="z", species="quadruped")
+    lo, hi = transfer.TRAIN_ANIMAL_SIZE_RANGE
+    assert np.linalg.norm(np.ptp(normalised, 0)) == pytest.approx(lo)
+    assert notices == [f"mesh is 0.60 m across (bounding-box diagonal), outside the training animals' sizes "
+                       f"{lo}-{hi} m: scaled to {lo:.2f} m for the model, and the output back"]
+    np.testing.assert_allclose(frame.back(normalised), cat, atol=1e-12)
+    with pytest.raises(ValueError, match="no animal's size in metres, centimetres or millimetres"):
+        transfer.normalise(animal * 8, up="z", species="quadruped")  # 16-24 m: no unit makes it an animal
+
+
+def test_checkpoint_species():
+    """The recorded species decides; checkpoints of folder runs from before train.py recorded the
+    folder's species fall back to the folder's manifest, and those from before animal mode, or
+    whose folder is gone, are human."""
+    assert transfer.trained_species({"train_config": {"data": "stream", "species": "quadruped"}}) == "quadruped"
+    assert transfer.trained_species({"train_config": {"data": "/no/such/folder", "species": "human"}}) == "human"
+    assert transfer.trained_species({}) == "human"
+    assert transfer.trained_species(ckpt.load(ckpt.resolve("pretrained"))) == "human"
+    with pytest.raises(ValueError, match="--species must be auto, human or quadruped, got 'fish'"):
+        transfer.main(["--pose", "p.obj", "--identity", "i.obj", "--out", "o.ply", "--species", "fish"])
+
+
+def test_transfer_with_an_animal_checkpoint(animal_dataset, animal_checkpoint, tmp_path, capsys):
+    """A quadruped checkpoint normalises as animals: an identity in centimetres and a pose in
+    millimetres, both Y-up (--up y), the identity off-centre, give the model the training-frame
+    meshes, and the output (and warped mesh) land back in the identity's frame, with its faces."""
+    ds = open_dataset(animal_dataset)
+    payload = ckpt.load(animal_checkpoint)
+    assert payload["train_config"]["species"] == "quadruped"  # recorded from the folder's manifest
+    assert transfer.trained_species(payload) == "quadruped"
+    identity, pose = (ds.mesh(i, p).astype(np.float64) for i, p in ((3, 3), (4, 4)))  # cat and dog, test poses
+    offset = np.array([20.0, 35.0, -10.0])
+    save_mesh(tmp_path / "cat.obj", identity @ Y_UP.T * 100 + offset, ds.faces)
+    save_mesh(tmp_path / "dog.ply", pose @ Y_UP.T * 1000, ds.faces)
+    out = tmp_path / "out.ply"
+    transfer.main(["--pose", str(tmp_path / "dog.ply"), "--identity", str(tmp_path / "cat.obj"), "--checkpoint",
+                   str(animal_checkpoint), "--out", str(out), "--warped", "--backend", "chunked", "--up", "y"])
+    printed = capsys.readouterr().out
+    assert "identity mesh is" in printed and "read as centimetres" in printed
+    assert "pose mesh is" in printed and "read as millimetres" in printed
+    assert "up axis is not detected" not in printed and "proportions" not in printed
+
+    model = load_model(animal_checkpoint, backend="chunked")
+    as_batch = lambda v: torch.as_tensor(v - (v.max(0) + v.min(0)) / 2, dtype=torch.float32)[None]  # noqa: E731
+    with torch.no_grad():
+        result = model(as_batch(identity), as_batch(pose))
+    for path, mesh in ((out, result.output), (tmp_path / "out_warped.ply", result.warped)):
+        written = trimesh.load(path, process=False)
+        assert np.array_equal(np.asarray(written.faces), ds.faces)
+        # in the identity's frame: centimetres, Y up, around its centre. Taken back to metres and Z up
+        # it is the model's training-frame output (float32: assert_close's float32 tolerances)
+        in_metres = (np.asarray(written.vertices) - offset) / 100 @ Y_UP
+        torch.testing.assert_close(torch.as_tensor(in_metres, dtype=torch.float32), mesh[0])
+
+
+def test_a_human_given_to_an_animal_checkpoint_gets_a_note(animal_dataset, animal_checkpoint, tmp_path, capsys):
+    """A person standing in anny's rest pose (Z up, arms out: 2.5x wider and 3.8x taller than deep)
+    has no quadruped's proportions in the animal frame: the transfer runs and says its output means
+    nothing. The animal identity mesh gets no such note, and "auto" says it took both as Z-up. (A
+    human in a random anny pose is often within the animals' wide proportions: the note is a hint.)"""
+    from mapconnet.data import anny_body
+
+    neutral = np.full((1, len(anny_body.PHENOTYPES)), 0.5, dtype=np.float32)
+    person = anny_body.posed_vertices(anny_body.load_model(), neutral,
+                                      np.eye(4, dtype=np.float32)[None, None].repeat(104, 1))[0]
+    trimesh.PointCloud(person[::8]).export(tmp_path / "person.ply")  # a pose mesh may be a point cloud
+    animals = open_dataset(animal_dataset)
+    save_mesh(tmp_path / "dog.obj", animals.mesh(4, 4), animals.faces)
+    transfer.main(["--pose", str(tmp_path / "person.ply"), "--identity", str(tmp_path / "dog.obj"), "--checkpoint",
+                   str(animal_checkpoint), "--out", str(tmp_path / "out.ply"), "--backend", "chunked"])
+    printed = capsys.readouterr().out
+    assert "note: pose mesh does not have a quadruped's proportions" in printed
+    assert "identity mesh does not have" not in printed
+    assert printed.count(transfer.ANIMAL_UP_NOTE) == 1
