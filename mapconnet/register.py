@@ -1,7 +1,10 @@
-"""Register the anny body model to a scan (a mesh or a point cloud) or to every scan of a folder.
+"""Register the anny body model to a scan (a mesh or a point cloud) or to every scan of a folder,
+and train the correspondence network that drives it.
 
     python -m mapconnet.register --scan S.ply --out DIR [--resolution lite|smpl|full] [--iterations N]
     mapconnet-register --scan scans/ --out fits/          # one subfolder per scan: fits/<scan name>/
+    python -m mapconnet.register train --out runs/corr [--labelled 1000 --warm-steps 2000]
+        [--unlabelled 200 --self-rounds 3] [--init CKPT] [--resume] [--stop-after N]
 
 The scan's points are its vertices, in file order (a mesh's faces are not used), in metres,
 centimetres or millimetres, Z or Y up (detected; each change is printed as a note). Writes, each
@@ -10,14 +13,18 @@ file under a temporary name and then renamed:
 - params.json: phenotype, per-bone rotations (axis-angle, anny's local-ref axes, radians) and
   translation, in anny's frame (metres, Z up), and the frame that maps it to the scan's;
 - correspondences.npz: per scan point (file order) the nearest fitted vertex (`vertex`), its body
-  part (`part`, an index into `part_names`: the bone with the largest skinning weight) and the
-  distance to it (`distance`, metres);
+  part (`part`, an index into `part_names`, registration.PART_NAMES: 14 parts from anny's skinning
+  weights) and the distance to it (`distance`, metres); with the network also its own match
+  (`template`: the full-resolution template vertex, `network_part`, `confidence` in (0, 1]);
 - report.json: the options, the notes, the weighted loss terms of every loss evaluation and the
   final distances (mm: scan to the fitted surface and to the nearest fitted vertex, model to scan);
 - fit.png: the scan coloured by the template position of its corresponding vertex, the fit, and
   both overlaid from the side.
---correspondences none (the only value today) is the no-network baseline, Chamfer plus priors;
-a learned correspondence network will be another value and then the default.
+--correspondences network (the default) predicts every point's template vertex with the
+correspondence network (--network, default the one that ships in mapconnet/pretrained), and the
+fit is correspondence-driven first, then surface-driven; --correspondences none is the no-network
+baseline, Chamfer plus priors. `train` trains a network (`mapconnet.correspondence`): a warm start
+on labelled synthetic scans, then LoopReg's self-supervised loop on unlabelled ones.
 """
 from __future__ import annotations
 
@@ -30,14 +37,14 @@ import torch
 from tqdm import tqdm
 
 import kernels
-from mapconnet import registration
-from mapconnet.cli import at_least, check_ranges, one_of, parse_dataclass, run_command
+from mapconnet import correspondence, registration
+from mapconnet.cli import at_least, build_parser, check_ranges, one_of, parse_dataclass, run_command, split
 from mapconnet.files import replacing, write_text
 from mapconnet.meshio import MESH_SUFFIXES, load_mesh, save_mesh
 from mapconnet.transfer import UP_ROTATIONS
 
 OUTPUTS = ("fit.ply", "params.json", "correspondences.npz", "report.json", "fit.png")
-CORRESPONDENCE_METHODS = ("none",)
+CORRESPONDENCE_METHODS = ("network", "none")
 PICTURE_POINTS = 4000  # scan points drawn in fit.png (a random subset; matplotlib is slow with more)
 
 
@@ -49,8 +56,12 @@ class RegisterConfig:
                                                                 "(6,890) or full (13,348)"})
     iterations: int = field(default=registration.DEFAULT_ITERATIONS, metadata={
         "help": "loss evaluations per scan (L-BFGS steps and their line searches)"})
-    correspondences: str = field(default="none", metadata={
-        "help": "where per-point correspondences come from: none (Chamfer and priors only)"})
+    correspondences: str = field(default="network", metadata={
+        "help": "where per-point correspondences come from: network (the correspondence network of --network), "
+                "or none (Chamfer and priors only)"})
+    network: str = field(default="pretrained", metadata={
+        "help": "correspondence network: a checkpoint of `python -m mapconnet.register train`, or pretrained "
+                "(the one that ships with the package)"})
     model_to_scan: float = field(default=registration.FitWeights.model_to_scan, metadata={
         "help": "weight of the model-to-scan term (the scan-to-model term's is 1)"})
     up: str = field(default="auto", metadata={"help": "the scan's up axis: z, y, or auto (Y when it is much "
@@ -82,12 +93,18 @@ def scan_files(path: Path) -> list[Path]:
     return [path]
 
 
-def point_correspondences(result: registration.FitResult, points: np.ndarray, backend: str) -> dict[str, np.ndarray]:
-    """Per scan point (N, 3) in anny's frame: the nearest fitted vertex, its part and the distance."""
+def point_correspondences(result: registration.FitResult, points: np.ndarray, backend: str,
+                          prediction: correspondence.Prediction | None = None) -> dict[str, np.ndarray]:
+    """Per scan point (N, 3) in anny's frame: the nearest fitted vertex, its body part and the
+    distance; with the network's `prediction` also its match, part and confidence."""
     b = registration.body(result.resolution)
     d2, vertex = kernels.nearest(torch.from_numpy(points), torch.from_numpy(result.vertices), backend=backend)
-    return {"vertex": vertex.numpy(), "part": b.parts[vertex].numpy().astype(np.int16),
-            "distance": d2.sqrt().numpy().astype(np.float32), "part_names": np.array(b.bone_names)}
+    pairs = {"vertex": vertex.numpy(), "part": b.body_parts[vertex].numpy().astype(np.int16),
+             "distance": d2.sqrt().numpy().astype(np.float32), "part_names": np.array(registration.PART_NAMES)}
+    if prediction is not None:
+        pairs.update(template=prediction.template, network_part=prediction.part.astype(np.int16),
+                     confidence=prediction.weight.astype(np.float32))
+    return pairs
 
 
 def final_distances(result: registration.FitResult, points: np.ndarray, distance: np.ndarray,
@@ -101,17 +118,16 @@ def final_distances(result: registration.FitResult, points: np.ndarray, distance
             "scan_to_vertex_mm": stats(distance), "model_to_scan_mm": stats(d2.sqrt().numpy())}
 
 
-def picture(path: Path, result: registration.FitResult, points: np.ndarray, vertex: np.ndarray, seed: int) -> Path:
-    """fit.png: the scan coloured by its corresponding rest-template position (the same body point
-    has the same colour in every scan), the fit, and both overlaid from the side."""
+def picture(path: Path, result: registration.FitResult, points: np.ndarray, canonical: np.ndarray, seed: int) -> Path:
+    """fit.png: the scan coloured by its corresponding rest-template position `canonical` (N, 3)
+    (the same body point has the same colour in every scan), the fit, and both overlaid from the
+    side."""
     import matplotlib.pyplot as plt
 
     from mapconnet.render import draw_mesh, save_figure
 
-    b = registration.body(result.resolution)
-    with torch.no_grad():
-        rest = b.vertices(registration.BodyParams.neutral()).numpy()
-    colours = (rest - rest.min(0)) / np.ptp(rest, axis=0)  # rest x, y, z -> red, green, blue
+    rest = correspondence.template("lite").full_canonical.numpy()
+    colours = np.clip((canonical - rest.min(0)) / np.ptp(rest, axis=0), 0, 1)  # rest x, y, z -> red, green, blue
     pick = np.random.default_rng(seed).permutation(len(points))[:PICTURE_POINTS]
     fig = plt.figure(figsize=(9.6, 4.4))
     for i, (title, mesh, view) in enumerate((("scan (colour: template position)", False, "front"),
@@ -121,20 +137,30 @@ def picture(path: Path, result: registration.FitResult, points: np.ndarray, vert
         draw_mesh(ax, result.vertices, result.faces if mesh else result.faces[:0], view=view)
         if i != 1:
             p = points[pick]
-            ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=1, c=colours[vertex[pick]], depthshade=False)
+            ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=1, c=colours[pick], depthshade=False)
         ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
 
 
-def register_one(scan_path: Path, out: Path, cfg: RegisterConfig) -> list[Path]:
-    """Fit one scan and write OUTPUTS into `out`; nothing is written if the fit fails."""
+def register_one(scan_path: Path, out: Path, cfg: RegisterConfig,
+                 net: correspondence.CorrespondenceNet | None = None) -> list[Path]:
+    """Fit one scan (with the correspondences of `net`, or none) and write OUTPUTS into `out`;
+    nothing is written if the fit fails."""
     points, _ = load_mesh(scan_path)
-    result = registration.fit(points, resolution=cfg.resolution, iterations=cfg.iterations, up=cfg.up,
+    model_points, _, _ = registration.prepare_scan(points, cfg.up)
+    prediction, pairs_in = None, None
+    if net is not None:
+        prediction = correspondence.predict(net, model_points)
+        pairs_in = (prediction.template, prediction.weight)
+    result = registration.fit(points, pairs_in, resolution=cfg.resolution, iterations=cfg.iterations, up=cfg.up,
                               backend=cfg.backend, weights=registration.FitWeights(model_to_scan=cfg.model_to_scan))
     for note in result.notes:
         tqdm.write(f"note: {note}")
-    model_points, _, _ = registration.prepare_scan(points, cfg.up)
-    pairs = point_correspondences(result, model_points, cfg.backend)
+    pairs = point_correspondences(result, model_points, cfg.backend, prediction)
+    if prediction is not None:
+        canonical = prediction.canonical
+    else:
+        canonical = correspondence.template(cfg.resolution).canonical.numpy()[pairs["vertex"]]
     params = {**result.params.to_dict(), "resolution": cfg.resolution, "bones": list(registration.FIT_BONES),
               "frame": {"rotation": result.frame.rotation.tolist(), "scale": result.frame.scale,
                         "rule": "scan = (anny vertices / scale) @ rotation"},
@@ -149,12 +175,37 @@ def register_one(scan_path: Path, out: Path, cfg: RegisterConfig) -> list[Path]:
     with replacing(out / "correspondences.npz") as tmp:
         np.savez_compressed(tmp, **pairs)
     written += [out / "correspondences.npz", write_text(out / "report.json", json.dumps(report, indent=1)),
-                picture(out / "fit.png", result, model_points, pairs["vertex"], cfg.seed)]
+                picture(out / "fit.png", result, model_points, canonical, cfg.seed)]
     return written
 
 
+def held_out_scan_file(path, index: int = 0, points: int = 30_000) -> Path:
+    """Write the clean scan of benchmark body `index` (`correspondence.held_out_scan`: a phenotype
+    and pose no training scan has) as a PLY point cloud, e.g. for the demo; returns the path."""
+    import trimesh
+
+    scan, _, _ = correspondence.held_out_scan(index, points)
+    with replacing(path) as tmp:
+        trimesh.PointCloud(scan).export(tmp)
+    return Path(path)
+
+
+def train_main(argv: list[str] | None = None) -> dict:
+    """`python -m mapconnet.register train ...`: train a correspondence network (see
+    mapconnet.correspondence); returns what `correspondence.train` returns."""
+    parser = build_parser(correspondence.CorrespondenceTrainConfig, correspondence.NetConfig,
+                          description=correspondence.__doc__)
+    parser.prog = "python -m mapconnet.register train"
+    cfg, net_cfg = split(parser.parse_args(argv), correspondence.CorrespondenceTrainConfig, correspondence.NetConfig)
+    return correspondence.train(cfg, net_cfg)
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
-    """Parse `argv` into a RegisterConfig and register every scan; returns the written paths."""
+    """Parse `argv` into a RegisterConfig and register every scan; returns the written paths.
+    `train ...` trains a correspondence network instead (`train_main`)."""
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
     cfg = parse_dataclass(RegisterConfig, argv, description=__doc__)
     scans = scan_files(Path(cfg.scan))
     out = Path(cfg.out)
@@ -166,12 +217,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     clash = [t / name for t in targets for name in OUTPUTS if (t / name).resolve() in inputs]
     if clash:
         raise ValueError(f"--out {cfg.out} would overwrite the scan {clash[0]}; choose another output folder")
-    # read and check every scan before the first (minutes-long) fit, so a bad file fails at once
+    # read and check every scan (and the network) before the first (minutes-long) fit, so a bad
+    # file fails at once
+    net = correspondence.load(cfg.network) if cfg.correspondences == "network" else None
     for path in scans:
         registration.prepare_scan(load_mesh(path)[0], cfg.up, name=f"scan {path}")
     written = []
     for path, target in tqdm(list(zip(scans, targets)), desc="register", unit="scan", disable=len(scans) == 1):
-        written += register_one(path, target, cfg)
+        written += register_one(path, target, cfg, net)
     for path in written:
         print(path)
     return written

@@ -3,8 +3,8 @@
 LoopReg (NeurIPS 2020) registers a body model to an unregistered scan by optimising the model's
 parameters against dense correspondences and the surface. This module is the optimisation half:
 `fit` poses and shapes anny so that it covers a point cloud, from a neutral start, with or
-without per-point correspondences (a learned correspondence network supplies them later; without
-them this is the no-network baseline: Chamfer plus priors).
+without per-point correspondences (the network of `mapconnet.correspondence` supplies them;
+without them this is the no-network baseline: Chamfer plus priors).
 
 Frame: anny's (metres, Z up, the body's left +X, its front -Y). `prepare_scan` puts a scan into
 it: a Y-up scan (taller along Y than along Z by 1.5x, as `mapconnet.transfer` reads meshes) is
@@ -195,12 +195,45 @@ class BodyParams:
                    as_tensor([d["rotations"][b] for b in FIT_BONES]), as_tensor(d["translation"]))
 
 
+# Body parts, the labels of correspondences (correspondences.npz `part`, the network's part
+# accuracy): 14 rigid-ish segments, each the union of anny bones whose name holds one of the
+# keywords (first match in PART_KEYWORDS' order; the side comes from the bone's ".L"/".R").
+# A vertex's part is the one with the largest summed skinning weight.
+PART_NAMES = ("head", "torso", *(f"{p}.{s}" for s in "LR" for p in ("upperarm", "lowerarm", "hand")),
+              *(f"{p}.{s}" for s in "LR" for p in ("upperleg", "lowerleg", "foot")))
+PART_KEYWORDS = (("hand", ("finger", "thumb", "metacarpal", "carpal", "wrist", "hand", "palm")),
+                 ("foot", ("toe", "foot")), ("lowerleg", ("lowerleg",)), ("upperleg", ("upperleg",)),
+                 ("lowerarm", ("lowerarm",)), ("upperarm", ("upperarm", "shoulder")),
+                 ("head", ("neck", "head", "eye", "jaw", "tongue")),
+                 ("torso", ("spine", "root", "pelvis", "clavicle", "breast")))
+
+
+def part_of_bone(bone: str) -> int:
+    """Index into PART_NAMES of an anny bone (e.g. "lowerarm02.L" -> "lowerarm.L")."""
+    name, _, side = bone.partition(".")
+    for part, keywords in PART_KEYWORDS:
+        if any(k in name.lower() for k in keywords):
+            return PART_NAMES.index(part if part in ("head", "torso") else f"{part}.{side}")
+    raise ValueError(f"anny bone {bone!r} belongs to no body part of PART_KEYWORDS; expected a bone name "
+                     "holding one of their keywords (update PART_KEYWORDS for this anny version)")
+
+
+def template_parts(model) -> torch.Tensor:
+    """(13348,) int64 PART_NAMES index of every template vertex: the part with the largest summed
+    skinning weight."""
+    parts = torch.tensor([part_of_bone(b) for b in model.bone_labels])
+    index, weight = model.vertex_bone_indices.long(), model.vertex_bone_weights.float()
+    summed = torch.zeros(len(index), len(PART_NAMES)).scatter_add_(1, parts[index], weight)
+    return summed.argmax(1)
+
+
 class Body:
     """anny posed by BodyParams at one resolution, differentiable, float32 (CPU).
 
     Attributes: faces (F', 3) int64 numpy; num_vertices V'; parts (V',) int64 index into
     bone_names of each vertex's part (the bone with the largest skinning weight at the template
-    vertex that carries most of it); limits (JointLimits).
+    vertex that carries most of it); body_parts (V',) and full_body_parts (13348,) int64 indices
+    into PART_NAMES; limits (JointLimits).
     """
 
     def __init__(self, resolution: str = "lite"):
@@ -215,15 +248,17 @@ class Body:
         tag = f"anny{anny_body.anny_version()}-{anny_body.TOPOLOGY}"
         W, faces = resolution_map(resolution, rest.double().numpy(), self.model.faces.numpy().astype(np.int64), tag)
         self.faces = faces
-        template_parts = self.model.vertex_bone_indices.gather(
+        bones = self.model.vertex_bone_indices.gather(
             1, self.model.vertex_bone_weights.argmax(1, keepdim=True))[:, 0].long()  # (13348,)
+        self.full_body_parts = template_parts(self.model)
         if W is None:
-            self.W, self.parts = None, template_parts
+            self.W, self.parts, self.body_parts = None, bones, self.full_body_parts
         else:
             coo = W.tocoo()
             self.W = (torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64)),
                       torch.from_numpy(coo.data.astype(np.float32))[:, None])
-            self.parts = template_parts[torch.from_numpy(np.asarray(W.argmax(1)).reshape(-1))]
+            heaviest = torch.from_numpy(np.asarray(W.argmax(1)).reshape(-1))  # the template vertex of each row
+            self.parts, self.body_parts = bones[heaviest], self.full_body_parts[heaviest]
         self.num_vertices = len(self.parts)
         self.limits = joint_limits(anny_body.PoseSampler(self.model))
 
@@ -459,8 +494,9 @@ def loss_terms(b: Body, params: BodyParams, scan: torch.Tensor, correspondences=
 
 def fit(scan_points, correspondences=None, resolution: str = "lite", iterations: int = DEFAULT_ITERATIONS, *,
         weights: FitWeights = FitWeights(), up: str = "auto", backend: str = "auto",
-        progress: bool = True) -> FitResult:
-    """Fit anny to a scan from a neutral body (rest pose, phenotype 0.5) at the scan's centroid.
+        progress: bool = True, init: BodyParams | None = None) -> FitResult:
+    """Fit anny to a scan from a neutral body (rest pose, phenotype 0.5) at the scan's centroid,
+    or from `init`.
 
     Args:
         scan_points: (N, 3) points, any order; metres, centimetres or millimetres; Z or Y up
@@ -471,6 +507,8 @@ def fit(scan_points, correspondences=None, resolution: str = "lite", iterations:
         iterations: loss evaluations over all stages (`stages` splits them); a stage stops
             early when L-BFGS converges, or over its share by at most its last line search.
         weights: FitWeights; up: "auto", "z" or "y"; backend: kernels backend of `nearest`.
+        init: BodyParams in anny's frame to start from (e.g. an earlier fit of the same scan, as
+            the correspondence network's self-supervised loop refits), not changed; None: neutral.
     Returns: FitResult; its losses hold one row per loss evaluation.
 
     Optimiser: L-BFGS with a strong-Wolfe line search, one run per stage with that stage's share
@@ -487,9 +525,12 @@ def fit(scan_points, correspondences=None, resolution: str = "lite", iterations:
     b = body(resolution)
     pairs = None if correspondences is None else check_correspondences(
         correspondences, len(points), len(b.model.template_vertices))
-    with torch.no_grad():
-        rest = b.full_vertices(BodyParams.neutral())
-    params = BodyParams.neutral(scan.mean(0) - rest.mean(0))
+    if init is None:
+        with torch.no_grad():
+            rest = b.full_vertices(BodyParams.neutral())
+        params = BodyParams.neutral(scan.mean(0) - rest.mean(0))
+    else:
+        params = BodyParams(*(t.detach().clone().float() for t in (init.phenotype, init.rotations, init.translation)))
     rows = {g: torch.tensor([n in names for n in FIT_BONES]) for g, names in BONE_GROUPS.items()}
     losses = []
     plan = stages(weights, pairs is not None)
