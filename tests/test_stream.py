@@ -28,9 +28,14 @@ def test_items_are_a_function_of_seed_and_index(kind):
     again = BodyStream(kind, "lite", seed=3)[5]
     other_seed = BodyStream(kind, "lite", seed=4)[5]
     for key in alone:
-        assert torch.equal(alone[key], in_batch[key]) and torch.equal(alone[key], again[key]), key
-    assert not torch.equal(alone["identity"], other_seed["identity"])
-    assert not torch.equal(alone["identity"], stream[6]["identity"])  # every index is a new body
+        assert torch.equal(alone[key], again[key]), key
+        # Drawn inside a batch, the item is the same body in the same pose; anny's batched forward
+        # rounds with the batch's size on some CPUs (up to 2.4e-7 m on an AMD EPYC), so coordinates
+        # agree to float32 rounding (1e-6 m), while another index or seed is another body (cm apart).
+        exact = not alone[key].is_floating_point()
+        torch.testing.assert_close(in_batch[key], alone[key], rtol=0, atol=0 if exact else 1e-6, msg=key)
+    for other in (other_seed, stream[6]):  # every seed and every index is a new body
+        assert (alone["identity"] - other["identity"]).abs().max() > 1e-2
 
 
 def test_item_layout_and_shuffles():
