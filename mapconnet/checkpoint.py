@@ -38,17 +38,25 @@ def save(path, payload: dict) -> Path:
     return path
 
 
+def read_tensor_file(path, what: str, expected: str):
+    """torch.load `path` with weights_only (no code runs), on the CPU. `what` names the file in
+    errors ("checkpoint"), `expected` says what it should have been; FileNotFoundError when it is
+    missing, ValueError when it is corrupt or not a plain tensor file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read {what} {path} as a plain tensor file ({type(e).__name__}: {first}); "
+                         f"expected {expected}") from None
+
+
 def load(path) -> dict:
     """Read a checkpoint written by `save`; clear errors for missing, corrupt or foreign files."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"cannot read checkpoint {path} as a plain tensor file ({type(e).__name__}: {first}); "
-                         "expected a file written by train.py (weights and numbers only)") from None
+    payload = read_tensor_file(path, "checkpoint", "a file written by train.py (weights and numbers only)")
     if isinstance(payload, dict) and str(payload.get("format", "")).startswith("mapconnet-checkpoint-") and \
             payload["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is a {payload['format']} checkpoint from another version of mapconnet; this "

@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 import kernels
 from mapconnet import registration
+from mapconnet.checkpoint import read_tensor_file
 from mapconnet.cli import POSITIVE, at_least, check_ranges, one_of
 from mapconnet.data import anny_body
 from mapconnet.files import folder_lock, replacing
@@ -275,13 +276,8 @@ def resolve(path) -> Path:
 
 def load_payload(path) -> dict:
     path = resolve(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"correspondence network {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a plain tensor file ({type(e).__name__}); expected a correspondence "
-                         "network written by `python -m mapconnet.register train`") from None
+    payload = read_tensor_file(path, "correspondence network",
+                               "a correspondence network written by `python -m mapconnet.register train`")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload \
             or "net_config" not in payload:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
