@@ -30,8 +30,12 @@ Training (`train`, the `python -m mapconnet.register train` command):
 - self-supervised (LoopReg's loop): on unlabelled scans (their labels are never generated), in
   rounds: fit anny to every scan with the current network's correspondences (`registration.fit`,
   `fit_iterations` evaluations, warm-started from the scan's previous fit, no gradient), then
-  train the network for `self_epochs` passes so that every point lands on its soft-corresponding
-  posed template vertex: mean_i |x_i - sum_j p_ij v_j(params)|^2 (cm^2).
+  train the network for `self_epochs` passes with one of two losses (`self_target`):
+  "landing" (LoopReg's): every point lands on its soft-corresponding posed template vertex,
+  mean_i |x_i - sum_j p_ij v_j(params)|^2 (cm^2);
+  "fit": the same objective minimised over the correspondence with the fitted body held fixed, i.e.
+  each point labelled with the key of the fitted vertex nearest it (`fit_labels`; points the fit
+  does not explain are left out), learned by the warm start's InfoNCE.
 
 Template keys: the vertices of `template` (default lite, 1,723). A scan point's label is the key
 nearest (on the neutral rest body) to the full-resolution vertex the point was sampled at; a key's
@@ -40,7 +44,6 @@ full vertex nearest to it.
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,7 +62,7 @@ from mapconnet import registration
 from mapconnet.checkpoint import read_tensor_file
 from mapconnet.cli import POSITIVE, at_least, check_ranges, one_of
 from mapconnet.data import anny_body
-from mapconnet.files import folder_lock, replacing
+from mapconnet.files import append_csv_row, folder_lock, keep_csv_rows, replacing
 
 FORMAT = "mapconnet-correspondence-v1"
 PRETRAINED = Path(__file__).parent / "pretrained" / "correspondence.pt"
@@ -454,6 +457,11 @@ class CorrespondenceTrainConfig:
     fit_iterations: int = field(default=40, metadata={"help": "loss evaluations of each fit in the loop"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the warm start"})
     self_lr: float = field(default=2e-4, metadata={"help": "Adam learning rate of the self-supervised stage"})
+    self_target: str = field(default="landing", metadata={
+        "help": "the self-supervised loss: 'landing' (LoopReg's: each point's soft-corresponding posed template "
+                "vertex lands on it) or 'fit' (InfoNCE towards the fitted body's vertex nearest each point)"})
+    fit_label_cm: float = field(default=3.0, metadata={
+        "help": "with --self-target fit: points farther than this from the fitted body get no label"})
     val_scans: int = field(default=16, metadata={"help": "validation scans (their own seed)"})
     val_every: int = field(default=200, metadata={"help": "validate every this many steps"})
     checkpoint_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
@@ -471,7 +479,8 @@ class CorrespondenceTrainConfig:
                             **{n: at_least(1) for n in ("batch_size", "self_epochs", "val_every",
                                                         "checkpoint_every")},
                             "points": at_least(registration.MIN_POINTS), "fit_iterations": at_least(10),
-                            "lr": POSITIVE, "self_lr": POSITIVE})
+                            "lr": POSITIVE, "self_lr": POSITIVE, "fit_label_cm": POSITIVE,
+                            "self_target": one_of(SELF_TARGETS)})
         if self.warm_steps and not self.labelled:
             raise ValueError(f"--warm-steps {self.warm_steps} needs labelled scans; pass --labelled N (>= 1) or "
                              "--warm-steps 0")
@@ -484,32 +493,11 @@ class CorrespondenceTrainConfig:
             raise ValueError("--resume continues a run from its own checkpoint; --init starts a new one: pass one")
 
 
+SELF_TARGETS = ("landing", "fit")
 RUN_FILES = ("checkpoint.pt", "losses.csv", "val.csv")
 # settings a resumed run may not change (the run would no longer be one run)
 SAME_RUN = ("labelled", "unlabelled", "points", "batch_size", "warm_steps", "self_rounds", "self_epochs",
-            "fit_iterations", "lr", "self_lr", "seed")
-
-
-def _append_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _keep_rows(path: Path, below: int) -> None:
-    """Drop the rows of steps >= `below` (a resumed run logs them again)."""
-    if not path.exists():
-        return
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(r for r in rows if int(r["step"]) < below)
+            "fit_iterations", "lr", "self_lr", "self_target", "fit_label_cm", "seed")
 
 
 def _order(seed: int, count: int, draw: int, salt: int) -> int:
@@ -531,6 +519,28 @@ def fit_scan(net: CorrespondenceNet, points: np.ndarray, iterations: int, init=N
     p = predict(net, points)
     return registration.fit(points, correspondences=(p.template, p.weight), resolution=net.cfg.template,
                             iterations=iterations, up="z", progress=False, init=init)
+
+
+def fit_labels(b: registration.Body, t: Template, params: list[registration.BodyParams], points: torch.Tensor,
+               within_cm: float) -> tuple[torch.Tensor, float]:
+    """Labels of unlabelled scans from their fits (`--self-target fit`): each point gets the key of
+    the fitted full-resolution vertex nearest it, as a warm-start label is the key of the vertex a
+    point was sampled at; points farther than `within_cm` from every fitted vertex (which the fit
+    does not explain) get -1. points (B, N, 3) -> keys (B, N) int64 and the labelled share.
+
+    This is the loop's own objective (each point near its corresponding posed vertex) minimised over
+    the correspondence with the body fixed: the fit labels the scan, the network learns the labels."""
+    keys = torch.full(points.shape[:2], -1, dtype=torch.int64)
+    with torch.no_grad():
+        for row, (p, x) in enumerate(zip(params, points)):
+            distance, nearest = cKDTree(b.full_vertices(p).numpy()).query(x.numpy())
+            near = torch.from_numpy(distance * 100 <= within_cm)
+            keys[row, near] = t.key_of_full[torch.from_numpy(nearest)[near]]
+    share = float((keys >= 0).float().mean())
+    if share == 0:
+        raise ValueError(f"no point of the batch lies within --fit-label-cm {within_cm} of its fitted body; "
+                         "the fits failed (raise --fit-iterations) or the threshold is too tight")
+    return keys, share
 
 
 def train(cfg: CorrespondenceTrainConfig, net_cfg: NetConfig | None = None) -> dict:
@@ -584,8 +594,8 @@ def _train(cfg, net_cfg, out, payload, init) -> dict:
             fitted = loop["fitted"]
             params = [registration.BodyParams(ph, r, tr) if f > 0 else None
                       for ph, r, tr, f in zip(loop["phenotype"], loop["rotations"], loop["translation"], fitted)]
-        _keep_rows(out / "losses.csv", step)
-        _keep_rows(out / "val.csv", step + 1)
+        keep_csv_rows(out / "losses.csv", step)
+        keep_csv_rows(out / "val.csv", step + 1)
     spec = ScanSpec(points=cfg.points)
     labelled = synthetic_scans("labelled", cfg.labelled, spec, progress=True) if cfg.warm_steps else (None, None)
     unlabelled = synthetic_scans("unlabelled", cfg.unlabelled, spec, labels=False, progress=True)[0] \
@@ -613,7 +623,7 @@ def _train(cfg, net_cfg, out, payload, init) -> dict:
         row = {"step": step, "seconds": clock(), **summarise_errors(
             [correspondence_errors(net, p, tr) for p, tr in zip(val_points, val_truth)])}
         net.train()
-        _append_row(out / "val.csv", row)
+        append_csv_row(out / "val.csv", row)
         bar.write(f"step {step}: validation within 5 cm {row['within_5cm']:.1%}, within 10 cm "
                   f"{row['within_10cm']:.1%}, part accuracy {row['part_accuracy']:.1%}, "
                   f"median {row['median_cm']:.2f} cm")
@@ -641,7 +651,7 @@ def _train(cfg, net_cfg, out, payload, init) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         turn = (torch.rand(cfg.batch_size, generator=gen) * 2 - 1) * YAW_DEG
         if step < cfg.warm_steps:
-            kind, lr = "warm", _lr(step, cfg.warm_steps, cfg.lr)
+            kind, lr, used = "warm", _lr(step, cfg.warm_steps, cfg.lr), 1.0
             idx = [_order(cfg.seed, cfg.labelled, step * cfg.batch_size + j, 0) for j in range(cfg.batch_size)]
             x = yaw(torch.from_numpy(labelled[0][idx]), turn)
             keys = t.key_of_full[torch.from_numpy(labelled[1][idx])]
@@ -650,14 +660,19 @@ def _train(cfg, net_cfg, out, payload, init) -> dict:
             s = step - cfg.warm_steps
             round_ = s // steps_per_round
             refit(round_)
-            kind, lr = "self", _lr(s, total - cfg.warm_steps, cfg.self_lr)
+            kind, lr, used = "self", _lr(s, total - cfg.warm_steps, cfg.self_lr), 1.0
             idx = [_order(cfg.seed, cfg.unlabelled, s * cfg.batch_size + j, 1) for j in range(cfg.batch_size)]
-            with torch.no_grad():
-                posed = torch.stack([b.vertices(params[i]) for i in idx])  # (B, V, 3) fitted bodies
             x = torch.from_numpy(unlabelled[idx])
-            posed, x = yaw(posed, turn), yaw(x, turn)  # the same turn: the loop's targets move with the scan
-            landed = net.transfer(net.scan_features(x, gen), posed)
-            loss = ((landed - x) ** 2).sum(-1).mean() * registration.CM2
+            if cfg.self_target == "fit":
+                keys, used = fit_labels(b, t, [params[i] for i in idx], x, cfg.fit_label_cm)
+                f = net.scan_features(yaw(x, turn), gen)
+                loss = net.info_nce(f[keys >= 0][None], keys[keys >= 0][None])
+            else:
+                with torch.no_grad():
+                    posed = torch.stack([b.vertices(params[i]) for i in idx])  # (B, V, 3) fitted bodies
+                posed, x = yaw(posed, turn), yaw(x, turn)  # the same turn: the loop's targets move with the scan
+                landed = net.transfer(net.scan_features(x, gen), posed)
+                loss = ((landed - x) ** 2).sum(-1).mean() * registration.CM2
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step} ({kind} step)")
         for group in optimizer.param_groups:
@@ -665,11 +680,11 @@ def _train(cfg, net_cfg, out, payload, init) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _append_row(out / "losses.csv", {"step": step, "kind": kind, "lr": lr, "loss": loss.item(),
+        append_csv_row(out / "losses.csv", {"step": step, "kind": kind, "lr": lr, "loss": loss.item(),
                                          "tau": 1 / net.scale().item(), "seconds": clock()})
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", kind=kind)
+        bar.set_postfix(loss=f"{loss.item():.3f}", kind=kind, points_used=f"{used:.0%}")
         if step % cfg.val_every == 0 or step == total:
             last_val = validate()
         if step % cfg.checkpoint_every == 0 or step == last:

@@ -2,12 +2,15 @@
 
 - `replacing(path)`: write to a temporary name beside `path`, then rename over it: readers see the
   old file or the new one, never a torn one, and a failed write leaves `path` as it was.
+- `append_csv_row(path, row)` / `keep_csv_rows(path, below)`: the run logs (losses.csv, val.csv);
+  a resumed run first drops the rows logged after its checkpoint, then logs them again.
 - `folder_lock(folder)`: a lock file holding the writer's process id, so two trainings (or two
   generators) cannot interleave their files in one folder. A lock whose process is gone (killed)
   is stale and taken over.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 from collections.abc import Iterator
@@ -36,6 +39,42 @@ def write_text(path, text: str) -> Path:
     with replacing(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def append_csv_row(path, row: dict) -> None:
+    """Append `row` to the CSV log `path` (created with `row`'s keys as header). An existing file
+    keeps its own columns: a run resumed by a newer version that logs more columns stays readable
+    (the new ones are left out of the old file; missing ones are empty)."""
+    path = Path(path)
+    new = not path.exists()
+    fields = list(row)
+    if not new:
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f), None) or fields
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def keep_csv_rows(path, below: int) -> None:
+    """Drop the rows of CSV log `path` whose `step` is >= `below` (atomically, see `replacing`);
+    a log left with no rows is removed, so the next `append_csv_row` writes its header."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if int(r["step"]) < below]
+        fields = reader.fieldnames
+    if not rows:
+        path.unlink()
+        return
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def sha256(path, chunk: int = 1 << 24) -> str:

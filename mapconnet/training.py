@@ -45,7 +45,7 @@ from mapconnet.data.quadruped import check_species
 from mapconnet.data.stream import STREAM_RESOLUTIONS, BodyStream
 from mapconnet.distributed import SOLO, ShardedCount, Team, from_leader, join, leave, local_batch, mean_over_ranks
 from mapconnet.evaluation import candidates, centred
-from mapconnet.files import folder_lock
+from mapconnet.files import append_csv_row, folder_lock, keep_csv_rows
 from mapconnet.losses import LossConfig
 from mapconnet.model import MAPConNet, ModelConfig
 from mapconnet.objective import TERMS, step_losses, weighted_total
@@ -326,32 +326,6 @@ def plot_runs(runs: dict[str, str], path, max_step: int = 0,
     return save_figure(fig, path)
 
 
-def _append_csv(path: Path, row: dict) -> None:
-    """Append `row`; an existing file keeps its own columns (a run resumed by a newer version that
-    logs more columns stays readable: the new ones are left out of the old file)."""
-    new = not path.exists()
-    fields = list(row)
-    if not new:
-        with open(path, newline="") as f:
-            fields = next(csv.reader(f), fields)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _truncate_csv(path: Path, keep_below: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) < keep_below]
-    path.unlink()
-    for r in rows:
-        _append_csv(path, r)
-
-
 def prepare_demo_data(cfg: TrainConfig) -> None:
     """Build the demo dataset when a run uses the default --data (or --val-data) and it is missing."""
     if DEMO_DATA in (cfg.data, cfg.val_data) and not Path(DEMO_DATA).exists():
@@ -445,8 +419,8 @@ def _claim(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, out: 
         ckpt.check_compatible(payload, model_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
         if not cfg.force_resume:
             check_same_run(payload, cfg, loss_cfg, where=f"checkpoint {out / 'checkpoint.pt'}")
-        _truncate_csv(out / "losses.csv", payload["step"])  # row s is the update from step s to s + 1
-        _truncate_csv(out / "val.csv", payload["step"] + 1)  # row s was validated before checkpoint s was written
+        keep_csv_rows(out / "losses.csv", payload["step"])  # row s is the update from step s to s + 1
+        keep_csv_rows(out / "val.csv", payload["step"] + 1)  # row s was validated before checkpoint s was written
         return payload
     payload = None
     if cfg.init:
@@ -511,7 +485,7 @@ def _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device,
         for name, suffix in (("unseen", ""), ("seen", "_seen")):
             for r in ("model", "warped", "perfect_warp"):
                 row[("pmd" if r == "model" else f"{r}_pmd") + suffix] = pmd.get(name, {}).get(r, float("nan"))
-        _append_csv(out / "val.csv", row)
+        append_csv_row(out / "val.csv", row)
         bar.write(f"step {step}: validation PMD x 1e-4 (model / warped / perfect warp): " + ", ".join(
             f"{k} {v['model'] * 1e4:.2f} / {v['warped'] * 1e4:.2f} / {v['perfect_warp'] * 1e4:.2f}"
             for k, v in pmd.items()))
@@ -548,7 +522,7 @@ def _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device,
                **dict(zip(("total", *losses), logged.tolist())), "grad_norm": grad_norm.item(),
                "seconds": round(seconds_before + time.perf_counter() - start, 3)}  # the run's clock after the step
         if team.leader:
-            _append_csv(out / "losses.csv", row)
+            append_csv_row(out / "losses.csv", row)
         history.append(row)
         step += 1
         bar.update(1)

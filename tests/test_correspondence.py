@@ -176,6 +176,13 @@ def test_train_command_runs_resumes_and_refuses_bad_options(tmp_path, capsys):
     assert kinds == ["warm", "warm", "self"]
     net = correspondence.load(out / "checkpoint.pt")
     assert net.cfg.feature_dim == 16 and not net.training
+    fit_args = ["train", "--out", str(tmp_path / "fit"), "--init", str(out / "checkpoint.pt"), "--labelled", "0",
+                "--warm-steps", "0", "--unlabelled", "2", "--points", "300", "--batch-size", "2", "--self-rounds",
+                "1", "--self-epochs", "1", "--fit-iterations", "10", "--val-scans", "0", "--self-target", "fit"]
+    assert register.main(fit_args)["step"] == 1  # the loop with the fit's labels
+    with pytest.raises(SystemExit):
+        register.cli(fit_args[:-1] + ["nearest"])
+    assert "--self-target must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         register.cli(["train", "--out", str(tmp_path / "x"), "--self-rounds", "2"])
     assert exit_info.value.code == 2
@@ -183,6 +190,23 @@ def test_train_command_runs_resumes_and_refuses_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         register.cli(["train", "--out", str(tmp_path / "x"), "--resume", "--init", "pretrained"])
     assert "pass one" in capsys.readouterr().err
+
+
+def test_fit_labels_are_the_keys_of_the_fitted_bodys_nearest_vertices():
+    b, t = registration.body("lite"), correspondence.template("lite")
+    params = registration.BodyParams.neutral(translation=(0.1, -0.2, 0.0))
+    with torch.no_grad():
+        full = b.full_vertices(params)
+    on_body = torch.arange(0, len(full), 7)
+    away = full[:5] + torch.tensor([5.0, 0.0, 0.0])  # 5 m beside the body: nothing the fit explains
+    points = torch.cat([full[on_body], away])[None]
+    keys, share = correspondence.fit_labels(b, t, [params], points, within_cm=3.0)
+    labelled = keys[0, :len(on_body)]
+    assert torch.equal(labelled, t.key_of_full[on_body])
+    assert (keys[0, len(on_body):] == -1).all()
+    assert share == pytest.approx(len(on_body) / (len(on_body) + 5))
+    with pytest.raises(ValueError, match="--fit-label-cm"):
+        correspondence.fit_labels(b, t, [params], away[None], within_cm=3.0)
 
 
 # Measured with the shipped network on this scan (2,000 clean points of a body with a raised arm and

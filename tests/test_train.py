@@ -10,6 +10,7 @@ import torch
 import trimesh
 
 from mapconnet import checkpoint as ckpt
+from mapconnet import files
 from mapconnet import training as train
 from mapconnet.cli import build_parser, parse_dataclass, split
 from mapconnet.data import open_dataset
@@ -297,8 +298,21 @@ def test_warm_up_is_logged_and_a_run_from_before_it_resumes(tiny_dataset, tmp_pa
 def test_a_resumed_log_keeps_its_columns(tmp_path):
     path = tmp_path / "losses.csv"
     path.write_text("step,total\n0,1.5\n")
-    train._append_csv(path, {"step": 1, "total": 1.25, "grad_norm": 3.0})
+    files.append_csv_row(path, {"step": 1, "total": 1.25, "grad_norm": 3.0})
     assert path.read_text() == "step,total\n0,1.5\n1,1.25\n"
+
+
+def test_a_resumed_log_drops_the_rows_after_its_checkpoint(tmp_path):
+    path = tmp_path / "val.csv"
+    for step in range(4):
+        files.append_csv_row(path, {"step": step, "pmd": step / 10})
+    files.keep_csv_rows(path, 2)
+    assert path.read_text() == "step,pmd\n0,0.0\n1,0.1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["val.csv"]  # the rewrite left no temporary file
+    files.keep_csv_rows(path, 0)
+    assert not path.exists()  # nothing kept: the next row writes the header again
+    files.append_csv_row(path, {"step": 0, "pmd": 0.5})
+    assert path.read_text() == "step,pmd\n0,0.5\n"
 
 
 def test_no_validation_pairs_means_no_validation(tiny_dataset, tmp_path):
