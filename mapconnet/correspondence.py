@@ -33,9 +33,9 @@ Training (`train`, the `python -m mapconnet.register train` command):
   train the network for `self_epochs` passes with one of two losses (`self_target`):
   "landing" (LoopReg's): every point lands on its soft-corresponding posed template vertex,
   mean_i |x_i - sum_j p_ij v_j(params)|^2 (cm^2);
-  "fit": the same objective minimised over the correspondence with the fitted body held fixed, i.e.
-  each point labelled with the key of the fitted vertex nearest it (`fit_labels`; points the fit
-  does not explain are left out), learned by the warm start's InfoNCE.
+  "fit" (the default): the same objective minimised over the correspondence with the fitted body
+  held fixed, i.e. each point labelled with the key of the fitted vertex nearest it (`fit_labels`;
+  points the fit does not explain are left out), learned by the warm start's InfoNCE.
 
 Template keys: the vertices of `template` (default lite, 1,723). A scan point's label is the key
 nearest (on the neutral rest body) to the full-resolution vertex the point was sampled at; a key's
@@ -457,7 +457,7 @@ class CorrespondenceTrainConfig:
     fit_iterations: int = field(default=40, metadata={"help": "loss evaluations of each fit in the loop"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the warm start"})
     self_lr: float = field(default=2e-4, metadata={"help": "Adam learning rate of the self-supervised stage"})
-    self_target: str = field(default="landing", metadata={
+    self_target: str = field(default="fit", metadata={
         "help": "the self-supervised loss: 'landing' (LoopReg's: each point's soft-corresponding posed template "
                 "vertex lands on it) or 'fit' (InfoNCE towards the fitted body's vertex nearest each point)"})
     fit_label_cm: float = field(default=3.0, metadata={
@@ -494,6 +494,7 @@ class CorrespondenceTrainConfig:
 
 
 SELF_TARGETS = ("landing", "fit")
+BEFORE_SELF_TARGET = {"self_target": "landing", "fit_label_cm": 3.0}  # what runs saved before the option trained
 RUN_FILES = ("checkpoint.pt", "losses.csv", "val.csv")
 # settings a resumed run may not change (the run would no longer be one run)
 SAME_RUN = ("labelled", "unlabelled", "points", "batch_size", "warm_steps", "self_rounds", "self_epochs",
@@ -559,8 +560,8 @@ def train(cfg: CorrespondenceTrainConfig, net_cfg: NetConfig | None = None) -> d
                 raise ValueError(f"--resume needs {out / 'checkpoint.pt'}, which does not exist; expected the --out "
                                  "of an earlier run")
             payload = load_payload(out / "checkpoint.pt")
-            changed = {k: (payload["train_config"].get(k), getattr(cfg, k)) for k in SAME_RUN
-                       if payload["train_config"].get(k) != getattr(cfg, k)}
+            before = {**BEFORE_SELF_TARGET, **payload["train_config"]}
+            changed = {k: (before.get(k), getattr(cfg, k)) for k in SAME_RUN if before.get(k) != getattr(cfg, k)}
             if changed:
                 raise ValueError("--resume with other settings than the run's: " + "; ".join(
                     f"{k} was {a!r}, given {b!r}" for k, (a, b) in changed.items()))
@@ -645,7 +646,8 @@ def _train(cfg, net_cfg, out, payload, init) -> dict:
 
     net.train()
     bar = tqdm(total=total, initial=step, desc="train correspondence", unit="step")
-    last_val = validate() if step == 0 else None
+    # a run resumed at step 0 (stopped inside its first round of fits) logged this row before its checkpoint
+    last_val = validate() if step == 0 and payload is None else None
     last = min(total, step + cfg.stop_after) if cfg.stop_after else total
     while step < last:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)

@@ -178,8 +178,8 @@ def test_train_command_runs_resumes_and_refuses_bad_options(tmp_path, capsys):
     assert net.cfg.feature_dim == 16 and not net.training
     fit_args = ["train", "--out", str(tmp_path / "fit"), "--init", str(out / "checkpoint.pt"), "--labelled", "0",
                 "--warm-steps", "0", "--unlabelled", "2", "--points", "300", "--batch-size", "2", "--self-rounds",
-                "1", "--self-epochs", "1", "--fit-iterations", "10", "--val-scans", "0", "--self-target", "fit"]
-    assert register.main(fit_args)["step"] == 1  # the loop with the fit's labels
+                "1", "--self-epochs", "1", "--fit-iterations", "10", "--val-scans", "0", "--self-target", "landing"]
+    assert register.main(fit_args)["step"] == 1  # LoopReg's landing loss (the default is the fit's labels)
     with pytest.raises(SystemExit):
         register.cli(fit_args[:-1] + ["nearest"])
     assert "--self-target must be one of" in capsys.readouterr().err
