@@ -147,7 +147,7 @@ def check_compatible(payload: dict, cfg: ModelConfig, where="checkpoint") -> Non
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 # name accepted for --checkpoint -> file shipped in mapconnet/pretrained (weights only)
 PRETRAINED = {"pretrained": "supervised.pt", "pretrained-unsupervised": "unsupervised.pt",
-              "pretrained-semi": "semi.pt"}
+              "pretrained-semi": "semi.pt", "pretrained-animal": "animal.pt"}
 
 
 def resolve(path) -> Path:
