@@ -266,7 +266,7 @@ class TransferConfig:
     identity: str = field(metadata={"help": "identity mesh to re-pose (a triangle mesh)"})
     out: str = field(metadata={"help": "output mesh (.ply/.obj), or a folder when --pose is a folder"})
     checkpoint: str = field(default="pretrained", metadata={
-        "help": "checkpoint written by train.py, or a shipped name (pretrained, pretrained-unsupervised, ...)"})
+        "help": "checkpoint written by train.py, or a shipped name: pretrained (human), pretrained-animal"})
     warped: bool = field(default=False, metadata={"help": "also write the warped mesh (correspondence only)"})
     backend: str = field(default="auto", metadata={"help": "kernels backend: auto, torch, chunked, keops, triton"})
     device: str = "cpu"
