@@ -27,6 +27,16 @@ CHECKPOINT_FORMAT = "mapconnet-checkpoint-v2"
 # ModelConfig fields that choose how the model runs, not what it computes: a checkpoint may be
 # resumed or evaluated with other values.
 RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
+# ModelConfig fields whose "off" value in a checkpoint `--init` may turn on: the branch they add
+# starts silent (its output weight at zero), so the grown model computes the same function as the
+# checkpoint's and training goes on from it. Field -> (off value, prefix of the branch's weights,
+# the weight set to zero on growth). The decoder's projection starts at zero anyway
+# (model.MAPConNet.reset_parameters); the encoder's offsets map starts at zero only when grown:
+# max_j (h + IN(0)) = h.
+GROWABLE_FIELDS = {"decoder_neighbours": (0, "decoder.local", "decoder.local_out.weight"),
+                   "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight")}
+# What a checkpoint written before a ModelConfig field existed computed: that field's value then.
+BEFORE_FIELD = {"decoder_neighbours": 0}
 
 
 def save(path, payload: dict) -> Path:
@@ -120,28 +130,47 @@ def set_rng_state(state: dict) -> None:
 
 
 def model_config_from(payload: dict) -> ModelConfig:
-    """The ModelConfig a checkpoint was trained with."""
+    """The ModelConfig a checkpoint was trained with (fields it predates take BEFORE_FIELD values)."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(payload["model_config"]) - fields
     if unknown:
         raise ValueError(f"checkpoint model config has unknown fields {sorted(unknown)}; "
                          f"expected only {sorted(fields)}")
-    return ModelConfig(**payload["model_config"])
+    return ModelConfig(**{**BEFORE_FIELD, **payload["model_config"]})
 
 
-def check_compatible(payload: dict, cfg: ModelConfig, where="checkpoint") -> None:
+def check_compatible(payload: dict, cfg: ModelConfig, where="checkpoint", grow: bool = False) -> None:
     """Raise ValueError if `cfg` describes another architecture than the checkpoint's model config.
 
-    Runtime fields (RUNTIME_FIELDS: the kernels backend, decoder checkpointing) may differ.
+    Runtime fields (RUNTIME_FIELDS: the kernels backend, decoder checkpointing) may differ; with
+    `grow` (--init) a GROWABLE_FIELDS branch that is off in the checkpoint may be on in `cfg`.
     """
     saved = dataclasses.asdict(model_config_from(payload))
     given = dataclasses.asdict(cfg)
-    diff = {k: (saved[k], given[k]) for k in given if k not in RUNTIME_FIELDS and saved[k] != given[k]}
+    grown = {k for k, (off, *_) in GROWABLE_FIELDS.items() if grow and saved[k] == off}
+    diff = {k: (saved[k], given[k]) for k in given
+            if k not in RUNTIME_FIELDS and k not in grown and saved[k] != given[k]}
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, given {b!r}" for k, (a, b) in diff.items())
+        also = f"; --init may also turn on {', '.join(GROWABLE_FIELDS)}" if grow else ""
         raise ValueError(f"{where} was trained with another model config ({listed}); expected the same "
-                         f"architecture (only {', '.join(RUNTIME_FIELDS)} may change): use the checkpoint's "
+                         f"architecture (only {', '.join(RUNTIME_FIELDS)} may change{also}): use the checkpoint's "
                          "config or a new output folder")
+
+
+def load_grown(model: MAPConNet, weights: dict) -> None:
+    """Load `weights` (of a config `check_compatible(..., grow=True)` accepted) into `model`; a
+    branch the checkpoint lacked starts silent (GROWABLE_FIELDS), so the function is the checkpoint's."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values()))]
+    if wrong or unexpected:
+        raise ValueError(f"--init weights do not fit the model: {(wrong + list(unexpected))[:4]} "
+                         "(missing or unexpected)")
+    state = model.state_dict()
+    with torch.no_grad():
+        for _, _, silent in GROWABLE_FIELDS.values():
+            if silent in missing:
+                state[silent].zero_()
 
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"

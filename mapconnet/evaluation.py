@@ -35,6 +35,7 @@ from mapconnet.checkpoint import load_model, resolve
 from mapconnet.cli import at_least, check_backend, check_device, check_ranges, parse_dataclass, run_command
 from mapconnet.data import TestPairs, open_dataset
 from mapconnet.files import sha256, write_text
+from mapconnet.losses import centred
 from mapconnet.meshio import save_mesh
 
 REPORT_SCALE = 1e4  # the field's convention: PMD and CD are reported x 1e-4
@@ -63,11 +64,6 @@ class EvalConfig:
         check_ranges(self, {"max_pairs": at_least(0), "pictures": at_least(0), "batch_size": at_least(1)})
         check_device(self.device)
         check_backend(self.backend, self.device)
-
-
-def centred(x: torch.Tensor) -> torch.Tensor:
-    """(B, V, 3) meshes moved so that each bounding-box centre is at the origin."""
-    return x - (x.amax(dim=1, keepdim=True) + x.amin(dim=1, keepdim=True)) / 2
 
 
 def perfect_warp(batch: dict) -> torch.Tensor:

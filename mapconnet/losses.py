@@ -19,6 +19,11 @@ class LossConfig:
     margin: float = 1.0  # of the mesh-level triplet
     point_form: str = "infonce"  # "infonce" (every other vertex a negative) or "triplet" (published)
     tau: float = 0.07  # InfoNCE temperature
+    # The reconstruction compares the output moved to its own bounding-box centre with the target
+    # (every training mesh is bounding-box centred), which is the error evaluation measures: PMD
+    # centres both meshes. False: the raw output, as published; then a few stray extreme vertices
+    # move the output's box and evaluation's re-centring adds their shift to every vertex.
+    centre_output: bool = True
 
     def __post_init__(self):
         if self.point_form not in ("infonce", "triplet"):
@@ -27,9 +32,15 @@ class LossConfig:
                                                           "point_contrastive", "margin")}, "tau": POSITIVE})
 
 
-def reconstruction(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over batch, vertices and coordinates of (Y - Y_gt)^2 (unweighted). Inputs (B, N, 3)."""
-    return F.mse_loss(output, target)
+def centred(x: torch.Tensor) -> torch.Tensor:
+    """(B, V, 3) meshes moved so that each bounding-box centre is at the origin."""
+    return x - (x.amax(dim=1, keepdim=True) + x.amin(dim=1, keepdim=True)) / 2
+
+
+def reconstruction(output: torch.Tensor, target: torch.Tensor, centre: bool = False) -> torch.Tensor:
+    """Mean over batch, vertices and coordinates of (Y - Y_gt)^2 (unweighted). Inputs (B, N, 3);
+    with `centre` Y is first moved to its bounding-box centre (LossConfig.centre_output)."""
+    return F.mse_loss(centred(output) if centre else output, target)
 
 
 def edge(output: torch.Tensor, reference: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

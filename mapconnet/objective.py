@@ -36,7 +36,7 @@ def supervised_losses(model, batch: dict, loss_cfg: LossConfig) -> dict[str, tor
     """Unweighted terms of a supervised step. batch: "identity", "pose", "target" (B, N, 3) and
     "identity_faces" (B, F, 3) int64, as `mapconnet.data` samples stack them."""
     out = model(batch["identity"], batch["pose"])
-    return {"reconstruction": reconstruction(out.output, batch["target"]),
+    return {"reconstruction": reconstruction(out.output, batch["target"], loss_cfg.centre_output),
             "edge": edge(out.output, batch["identity"], batch["identity_faces"]),
             **_contrastive(out, loss_cfg, _config(model).backend, cross=False)}
 
@@ -49,7 +49,8 @@ def unlabelled_losses(model, batch: dict, loss_cfg: LossConfig) -> dict[str, tor
     cc = model(pose2, pose)  # cross-consistency: P2 re-posed like P is P
     first = model(identity, pose)  # self-consistency pass 1: contrastive terms only
     sc = model(pose2, first.output.detach())  # pass 2: P2 re-posed like G(I, P) is P again
-    terms = {"reconstruction": reconstruction(cc.output, pose) + reconstruction(sc.output, pose),
+    centre = loss_cfg.centre_output
+    terms = {"reconstruction": reconstruction(cc.output, pose, centre) + reconstruction(sc.output, pose, centre),
              "edge": edge(cc.output, pose2, faces) + edge(sc.output, pose2, faces)}
     parts = [_contrastive(cc, loss_cfg, backend, cross=True), _contrastive(first, loss_cfg, backend, cross=False),
              _contrastive(sc, loss_cfg, backend, cross=False)]

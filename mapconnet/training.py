@@ -44,9 +44,9 @@ from mapconnet.data import SupervisedPairs, TestPairs, UnlabelledTriplets, open_
 from mapconnet.data.quadruped import check_species
 from mapconnet.data.stream import STREAM_RESOLUTIONS, BodyStream
 from mapconnet.distributed import SOLO, ShardedCount, Team, from_leader, join, leave, local_batch, mean_over_ranks
-from mapconnet.evaluation import candidates, centred
+from mapconnet.evaluation import candidates
 from mapconnet.files import append_csv_row, folder_lock, keep_csv_rows
-from mapconnet.losses import LossConfig
+from mapconnet.losses import LossConfig, centred
 from mapconnet.model import MAPConNet, ModelConfig
 from mapconnet.objective import TERMS, step_losses, weighted_total
 from mapconnet.resources import available_memory, training_step_bytes
@@ -201,6 +201,7 @@ def check_same_run(payload: dict, cfg: TrainConfig, loss_cfg: LossConfig, where:
     saved_train, saved_loss = payload.get("train_config", {}), payload.get("loss_config", {})
     # runs from before animal mode trained humans; runs from before warm-up had none
     saved_train = {"species": "human", "warmup_steps": 0, **saved_train}
+    saved_loss = {"centre_output": False, **saved_loss}  # and before centre_output, the raw output
     if cfg.data != STREAM:  # the folder decides the species (and runs before this recorded "human")
         saved_train.pop("species")
     diff = {f"--{k.replace('_', '-')}": (saved_train.get(k), getattr(cfg, k)) for k in RUN_FIELDS
@@ -367,7 +368,7 @@ def check_step_memory(cfg: TrainConfig, model_cfg: ModelConfig, kinds: list[str]
         return
     unlabelled = any(k != "labelled" for k in kinds)
     here = local_batch(team, cfg.batch_size) * team.local_world
-    need = training_step_bytes(here, vertices, model_cfg.decoder_widths, unlabelled)
+    need = training_step_bytes(here, vertices, model_cfg.decoder_widths, unlabelled, model_cfg.decoder_neighbours)
     available = available_memory()
     if need > available:
         fit = available * cfg.batch_size // need
@@ -425,7 +426,7 @@ def _claim(cfg: TrainConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, out: 
     payload = None
     if cfg.init:
         payload = ckpt.load(ckpt.resolve(cfg.init))
-        ckpt.check_compatible(payload, model_cfg, where=f"--init {cfg.init}")
+        ckpt.check_compatible(payload, model_cfg, where=f"--init {cfg.init}", grow=True)
         payload = {"model": payload["model"]}
     for name in existing:  # --overwrite, checked above; only after the checkpoints were read
         (out / name).unlink()
@@ -450,12 +451,13 @@ def _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device,
     model = MAPConNet(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.optimizer)
     step = 0
-    if payload is not None:
-        model.load_state_dict(payload["model"])
     if cfg.resume:
+        model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         step = payload["step"]
         ckpt.set_rng_state(payload["rng"])
+    elif payload is not None:  # --init
+        ckpt.load_grown(model, payload["model"])
 
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * cfg.pairs_per_epoch / cfg.batch_size)
     # Each kind's stream starts where `step` steps of the cycle left it, so a resumed run draws the

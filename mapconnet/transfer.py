@@ -42,6 +42,7 @@ from mapconnet import checkpoint as ckpt
 from mapconnet.checkpoint import load_model
 from mapconnet.cli import check_backend, check_device, parse_dataclass, run_command
 from mapconnet.data.quadruped import SPECIES, check_species
+from mapconnet.losses import centred
 from mapconnet.meshio import MESH_SUFFIXES, load_mesh, save_mesh
 from mapconnet.resources import available_memory
 
@@ -239,7 +240,8 @@ def transfer(model, identity_vertices: np.ndarray, pose_vertices: np.ndarray, de
     with torch.no_grad():
         result = model(as_batch(ident), as_batch(pose))
     back = lambda t: frame.back(t[0].double().cpu().numpy())  # noqa: E731
-    return back(result.output), back(result.warped), notices + pose_notices
+    # bounding-box centred, like the inputs: the frame training and evaluation compare the output in
+    return back(centred(result.output)), back(result.warped), notices + pose_notices
 
 
 def trained_species(payload: dict) -> str:

@@ -54,6 +54,17 @@ def test_round_trip_and_version_errors(tmp_path):
         ckpt.load_model(edited)
 
 
+def test_a_checkpoint_from_before_the_decoder_context_loads_without_it(tmp_path):
+    """A model config saved before `decoder_neighbours` existed describes a decoder without the
+    local context, whatever today's default is."""
+    from dataclasses import asdict
+
+    model = MAPConNet(ModelConfig(**TINY, decoder_neighbours=0))
+    saved = {k: v for k, v in asdict(model.cfg).items() if k != "decoder_neighbours"}
+    path = ckpt.save(tmp_path / "old.pt", {"model": model.state_dict(), "model_config": saved})
+    assert ckpt.load_model(path).cfg.decoder_neighbours == 0
+
+
 def test_export_weights_keeps_no_optimiser(tmp_path):
     from dataclasses import asdict
 

@@ -14,6 +14,18 @@ def test_reconstruction():
     assert losses.reconstruction(y, gt).item() == pytest.approx(4 / 24)
 
 
+def test_centred_reconstruction_is_the_evaluated_error():
+    """With centre=True the output is moved to its bounding-box centre first (targets are centred):
+    a shifted copy of the target costs nothing, and one stray vertex costs its own error plus the
+    shift it gives the box, on every vertex (what evaluation's re-centring does)."""
+    gt = torch.tensor([[[-1.0, 0, 0], [0, 0, 0], [1, 0, 0]]])
+    assert losses.reconstruction(gt + 0.3, gt, centre=True).item() == pytest.approx(0, abs=1e-12)
+    assert losses.reconstruction(gt + 0.3, gt).item() == pytest.approx(0.09)
+    stray = gt.clone()
+    stray[0, 2, 0] = 2.0  # box [-1, 2]: centre 0.5, so x becomes [-1.5, -0.5, 1.5]
+    assert losses.reconstruction(stray, gt, centre=True).item() == pytest.approx((0.25 + 0.25 + 0.25) / 9)
+
+
 def test_edge_on_a_scaled_triangle():
     x = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [0, 1, 0]]])
     faces = torch.tensor([[0, 1, 2]])

@@ -11,6 +11,8 @@ def _trained_looking(model):
     """A model whose residual decoder no longer outputs zero (its last layer starts at zero), so
     tests of the decoder's values and gradients see it."""
     torch.nn.init.normal_(model.decoder.out.weight, std=0.1)
+    if model.decoder.neighbours:  # the local context's projection starts at zero too
+        torch.nn.init.normal_(model.decoder.local_out.weight, std=0.1)
     return model
 
 
@@ -63,8 +65,8 @@ def test_full_size_model_parameter_shapes():
     assert published.decoder.lift.in_features == 3
 
 
-@pytest.mark.parametrize("context", [{}, {"encoder_neighbours": 5, "encoder_global": True}],
-                         ids=["published-encoder", "neighbours-and-global"])
+@pytest.mark.parametrize("context", [{"decoder_neighbours": 0}, {"encoder_neighbours": 5, "encoder_global": True}, {}],
+                         ids=["per-vertex", "encoder-neighbours-and-global", "decoder-neighbours"])
 def test_equivariant_to_vertex_order(context):
     torch.manual_seed(0)
     model = _trained_looking(MAPConNet(ModelConfig(**TINY, **context, backend="torch"))).eval()
@@ -172,3 +174,21 @@ def test_decoder_checkpointing_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+
+def test_decoder_local_context_starts_silent():
+    """decoder_neighbours adds a branch whose projection starts at zero: the grown decoder computes
+    the same function as one without it, and the branch learns (its projection gets a gradient)."""
+    torch.manual_seed(0)
+    plain = _trained_looking(MAPConNet(ModelConfig(**TINY, decoder_neighbours=0))).decoder.eval()
+    grown = MAPConNet(ModelConfig(**TINY, decoder_neighbours=4)).decoder.eval()
+    assert grown.local_out.weight.abs().sum() == 0
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["local.weight", "local_out.bias", "local_out.weight"] and not unexpected
+    warped, code, identity = torch.randn(1, 40, 3), torch.randn(1, 40, 8), torch.randn(1, 40, 3)
+    torch.testing.assert_close(grown(warped, code, identity), plain(warped, code, identity), rtol=0, atol=0)
+    grown(warped, code, identity).square().sum().backward()
+    assert grown.local_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="--decoder-neighbours must be >= 0, got -2"):
+        ModelConfig(decoder_neighbours=-2)
