@@ -221,6 +221,15 @@ def compile_for_training(model: MAPConNet) -> None:
     model.decoder.compile()
 
 
+def freeze_what_the_loss_cannot_see(model: MAPConNet, loss_cfg: LossConfig) -> None:
+    """With the centred reconstruction (LossConfig.centre_output) no term sees a translation of the
+    output, so the residual decoder's last bias (a translation) gets a gradient that is rounding
+    noise, which Adam would turn into random lr-sized steps (and which makes 1- and N-process
+    training differ, as the cancelled biases of `model.CANCELLED_BIAS` did). It keeps its value."""
+    if loss_cfg.centre_output and model.decoder.residual:
+        model.decoder.out.bias.requires_grad_(False)
+
+
 def make_optimizer(model, lr: float, kind: str = "adam") -> torch.optim.Adam:
     """The one optimiser of training and the benchmarks: Adam with the settings OPTIMIZERS[kind]."""
     return torch.optim.Adam(model.parameters(), lr=lr, **OPTIMIZERS[kind])
@@ -449,6 +458,7 @@ def _loop(cfg, model_cfg, loss_cfg, sets, kinds, val_dataset, out, team, device,
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = MAPConNet(model_cfg).to(device)
+    freeze_what_the_loss_cannot_see(model, loss_cfg)
     optimizer = make_optimizer(model, cfg.lr, cfg.optimizer)
     step = 0
     if cfg.resume:

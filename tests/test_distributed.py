@@ -99,9 +99,16 @@ def test_two_processes_train_what_one_trains_from_the_stream(tiny_dataset, tmp_p
     expected, rows = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r["kind"] for r in expected] == ["labelled", "cross_a", "labelled"]
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    # The mesh-level term reads the hard matching (an argmax over pose vertices). This untrained
+    # 16-channel model's top two scores lie within 2 float32 ulps for some vertices (smallest top-2
+    # gap 7.6e-6 at logits ~30, measured for step 0), so the ranks' different thread counts may flip
+    # one vertex's match: that term (and the total) are compared to 1e-3, the rest, and the weights
+    # above, to 1e-5.
     for got, want in zip(rows, expected):
-        for term in ("total", "reconstruction", "edge", "mesh_contrastive", "point_contrastive"):
+        for term in ("reconstruction", "edge", "point_contrastive"):
             assert float(got[term]) == pytest.approx(float(want[term]), rel=1e-5), (got["step"], term)
+        for term in ("total", "mesh_contrastive"):
+            assert float(got[term]) == pytest.approx(float(want[term]), rel=1e-3), (got["step"], term)
     assert not (tmp_path / "two" / "val.csv").exists()  # --val-pairs 0: the stream run validates nothing
 
 
@@ -131,7 +138,7 @@ def test_checkpoints_with_cancelled_biases_load_and_resume(tmp_path):
     from mapconnet.training import make_optimizer
 
     cfg = ModelConfig(feature_dim=16, encoder_widths=(8, 16), residual_blocks=2, decoder_widths=(16, 8),
-                      backend="torch")
+                      decoder_neighbours=0, backend="torch")  # those checkpoints predate the decoder's context
     old = MAPConNet(cfg)
     for name, module in old.named_modules():  # the old layout: a bias on every normalised layer
         if CANCELLED_BIAS.fullmatch(f"{name}.bias"):  # of a trained bias's size (the norm cancels it up to rounding)

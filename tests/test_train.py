@@ -362,3 +362,15 @@ def test_init_starts_from_the_weights_and_may_grow_the_decoder_context(tiny_data
     with pytest.raises(ValueError, match=r"decoder_neighbours: checkpoint 3, given 0"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "shrunk"), max_steps=1,
                                      init=str(grown), compile=False), ModelConfig(**per_vertex))
+
+
+def test_the_centred_loss_leaves_the_output_translation_alone(tiny_dataset, tmp_path):
+    """No term sees a translation of the output under --centre-output, so the residual decoder's last
+    bias (a translation, zero at the start) is not trained: Adam would turn its rounding-noise
+    gradient into lr-sized random steps. With the raw reconstruction it trains."""
+    for name, centre in (("centred", True), ("raw", False)):
+        train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / name), max_steps=2, batch_size=1,
+                                     val_pairs=0, compile=False), ModelConfig(**TINY, backend="chunked"),
+                   LossConfig(centre_output=centre))
+    bias = lambda name: ckpt.load(tmp_path / name / "checkpoint.pt")["model"]["decoder.out.bias"]  # noqa: E731
+    assert torch.equal(bias("centred"), torch.zeros(3)) and bias("raw").abs().sum() > 0
