@@ -128,6 +128,13 @@ def nearest_vertices(x: torch.Tensor, k: int, rows: int = 2048) -> torch.Tensor:
                       for s in range(0, x.shape[1], rows)], dim=1)
 
 
+def neighbour_offsets(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x_j - x_i (B, N, k, C) for the neighbours idx (B, N, k) of every vertex of x (B, N, C)."""
+    B, N, k = idx.shape
+    x_j = x.gather(1, idx.reshape(B, N * k, 1).expand(-1, -1, x.shape[-1])).reshape(B, N, k, -1)
+    return x_j - x.unsqueeze(2)
+
+
 class Encoder(nn.Module):
     """Per-vertex features (B, N, F) of a mesh (B, N, 3)."""
 
@@ -147,11 +154,9 @@ class Encoder(nn.Module):
         h = instance_norm(self.fc1(x))
         if not self.neighbours:
             return h
-        B, N, _ = x.shape
-        idx = nearest_vertices(x, self.neighbours)  # (B, N, k)
-        k = idx.shape[-1]
-        x_j = x.gather(1, idx.reshape(B, N * k, 1).expand(-1, -1, 3)).reshape(B, N, k, 3)
-        offsets = instance_norm(self.fc_offsets((x_j - x.unsqueeze(2)).reshape(B, N * k, 3)))
+        offsets = neighbour_offsets(x, nearest_vertices(x, self.neighbours))  # (B, N, k, 3)
+        B, N, k, _ = offsets.shape
+        offsets = instance_norm(self.fc_offsets(offsets.reshape(B, N * k, 3)))
         return (h.unsqueeze(2) + offsets.reshape(B, N, k, -1)).amax(dim=2)
 
     def forward(self, x):
@@ -248,12 +253,10 @@ class Decoder(nn.Module):
         """max over the k nearest identity vertices j of IN(local([W_j - W_i, I_j - I_i])), (B, N, LOCAL_WIDTH).
         Neighbours come from the identity mesh (a surface, unlike W where the correspondence may have
         collapsed a patch); both offsets are a few centimetres, hence the instance norm."""
-        B, N, _ = warped.shape
         idx = nearest_vertices(identity, self.neighbours + 1)[..., 1:]  # (B, N, k): the vertex itself left out
-        k = idx.shape[-1]
-        both = torch.cat([warped, identity], dim=-1)  # (B, N, 6)
-        neighbours = both.gather(1, idx.reshape(B, N * k, 1).expand(-1, -1, 6)).reshape(B, N, k, 6)
-        offsets = instance_norm(self.local((neighbours - both.unsqueeze(2)).reshape(B, N * k, 6)))
+        offsets = neighbour_offsets(torch.cat([warped, identity], dim=-1), idx)  # (B, N, k, 6)
+        B, N, k, _ = offsets.shape
+        offsets = instance_norm(self.local(offsets.reshape(B, N * k, 6)))
         return offsets.reshape(B, N, k, -1).amax(dim=2)
 
 
