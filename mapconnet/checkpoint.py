@@ -28,13 +28,16 @@ CHECKPOINT_FORMAT = "mapconnet-checkpoint-v2"
 # resumed or evaluated with other values.
 RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
 # ModelConfig fields whose "off" value in a checkpoint `--init` may turn on: the branch they add
-# starts silent (its output weight at zero), so the grown model computes the same function as the
-# checkpoint's and training goes on from it. Field -> (off value, prefix of the branch's weights,
-# the weight set to zero on growth). The decoder's projection starts at zero anyway
-# (model.MAPConNet.reset_parameters); the encoder's offsets map starts at zero only when grown:
-# max_j (h + IN(0)) = h.
+# starts silent, so the grown model computes the same function as the checkpoint's and training
+# goes on from it. Field -> (off value, prefix of the weights the branch adds, the weight that
+# silences it). A silencing weight the checkpoint lacks is set to zero: the decoder's projection
+# starts at zero anyway (model.MAPConNet.reset_parameters); the encoder's offsets map starts at
+# zero only when grown: max_j (h + IN(0)) = h. One the checkpoint has with fewer input columns
+# (encoder_global widens the encoder's feature layer to read [h, max over vertices of h]) keeps
+# its columns and the new ones start at zero.
 GROWABLE_FIELDS = {"decoder_neighbours": (0, "decoder.local", "decoder.local_out.weight"),
-                   "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight")}
+                   "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight"),
+                   "encoder_global": (False, "encoder.fc3.weight", "encoder.fc3.weight")}
 # What a checkpoint written before a ModelConfig field existed computed: that field's value then.
 BEFORE_FIELD = {"decoder_neighbours": 0}
 
@@ -161,12 +164,17 @@ def check_compatible(payload: dict, cfg: ModelConfig, where="checkpoint", grow: 
 def load_grown(model: MAPConNet, weights: dict) -> None:
     """Load `weights` (of a config `check_compatible(..., grow=True)` accepted) into `model`; a
     branch the checkpoint lacked starts silent (GROWABLE_FIELDS), so the function is the checkpoint's."""
+    state = model.state_dict()
+    weights = dict(weights)
+    for _, _, silent in GROWABLE_FIELDS.values():
+        old, new = weights.get(silent), state.get(silent)
+        if old is not None and new is not None and old.shape != new.shape:  # a widened input: the added columns start at zero
+            weights[silent] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values()))]
     if wrong or unexpected:
         raise ValueError(f"--init weights do not fit the model: {(wrong + list(unexpected))[:4]} "
                          "(missing or unexpected)")
-    state = model.state_dict()
     with torch.no_grad():
         for _, _, silent in GROWABLE_FIELDS.values():
             if silent in missing:

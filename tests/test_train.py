@@ -332,18 +332,18 @@ def test_a_backend_that_cannot_run_here_is_refused_up_front(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_init_starts_from_the_weights_and_may_grow_the_decoder_context(tiny_dataset, tmp_path):
+def test_init_starts_from_the_weights_and_may_grow_the_context_branches(tiny_dataset, tmp_path):
     """--init takes a run's weights (fresh optimiser, step 0): validation at step 0 equals the
     source's final validation, also when --init turns on the decoder's and the encoder's local
-    context (their branches start silent, the function is the same); any other change of
-    architecture is refused by name."""
+    context and the encoder's global context (their branches start silent, the function is the
+    same); any other change of architecture is refused by name."""
     source = tmp_path / "source"
-    per_vertex = dict(TINY, decoder_neighbours=0, encoder_neighbours=0, backend="chunked")
+    per_vertex = dict(TINY, decoder_neighbours=0, encoder_neighbours=0, encoder_global=False, backend="chunked")
     train.main(train.TrainConfig(data=str(tiny_dataset), out=str(source), max_steps=2, batch_size=1, val_every=100,
                                  val_pairs=1, checkpoint_every=100, compile=False), ModelConfig(**per_vertex))
     final = train.read_validation(source)[-1]
-    grow_both = {"decoder_neighbours": 3, "encoder_neighbours": 4}
-    for name, extra in (("same", {}), ("grown", grow_both)):
+    grow_all = {"decoder_neighbours": 3, "encoder_neighbours": 4, "encoder_global": True}
+    for name, extra in (("same", {}), ("grown", grow_all)):
         cfg = train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / name), max_steps=1, batch_size=1,
                                 val_every=100, val_pairs=1, checkpoint_every=100, compile=False,
                                 init=str(source / "checkpoint.pt"))
@@ -353,8 +353,9 @@ def test_init_starts_from_the_weights_and_may_grow_the_decoder_context(tiny_data
         assert start[0] == 0 and start[1] == pytest.approx(final[1], rel=1e-6)
     grown_config = ckpt.load(tmp_path / "grown" / "checkpoint.pt")["model_config"]
     assert grown_config["decoder_neighbours"] == 3 and grown_config["encoder_neighbours"] == 4
+    assert grown_config["encoder_global"] is True
     with pytest.raises(ValueError, match=r"another model config \(feature_dim: checkpoint 16, given 8\).*--init may "
-                                         r"also turn on decoder_neighbours, encoder_neighbours"):
+                                         r"also turn on decoder_neighbours, encoder_neighbours, encoder_global"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "wider"), max_steps=1,
                                      init=str(source / "checkpoint.pt"), compile=False),
                    ModelConfig(**{**per_vertex, "feature_dim": 8}))
