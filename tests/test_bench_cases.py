@@ -47,3 +47,18 @@ def test_gpu_check_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     if not torch.cuda.is_available():
         here = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, cwd=script.parents[1])
         assert here.returncode == 1 and "no CUDA device" in here.stderr and not out.exists()
+
+
+def test_the_long_run_picture_chains_every_stage_from_its_parent(tmp_path):
+    """bench.long_run puts each stage after the stage it started from (stage 6 after stage 4, not
+    after stage 5, which was not kept), draws the picture, and names a folder without logs."""
+    from bench import long_run
+
+    stages = {stage: rows for stage, _, rows in long_run.chain(long_run.ROOT / "mapconnet/pretrained/resume")}
+    assert stages[6][0]["step"] == stages[5][0]["step"] == stages[4][-1]["step"]
+    assert stages[6][0]["hours"] == pytest.approx(stages[4][-1]["hours"] + stages[6][0]["seconds"] / 3600)
+    assert stages[7][0]["step"] == stages[6][-1]["step"]
+    long_run.main(["--out", str(tmp_path / "run.png")])
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no stage logs"):
+        long_run.chain(tmp_path)
