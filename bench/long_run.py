@@ -26,6 +26,7 @@ STAGES = (
     (6, "decoder context", 4),
     (7, "centred loss", 6),
     (8, "encoder context", 7),
+    (9, "global context", 8),
 )
 
 

@@ -28,8 +28,9 @@ class ModelConfig:
     encoder_widths: tuple[int, int] = (64, 128)  # the two layers before the feature layer
     # Local shape context: the first encoder layer also reads the offsets to each vertex's k nearest
     # vertices of the same mesh (max over the neighbours, an EdgeConv); 0 = the published per-vertex layer.
-    # Off by default: with encoder_global (k = 16) it cut the training loss 7% per step but cost
-    # 33% more time per step on 2 cores (README "Deviations from the paper").
+    # Off by default: with encoder_global (k = 16) it cut the training loss 7% per step from scratch
+    # but cost 33% more time per step on 2 cores; the shipped model has both, grown over a trained
+    # model (README "Deviations from the paper").
     encoder_neighbours: int = 0
     # The feature layer also reads a max-pool of the second layer over all vertices (a whole-body
     # descriptor, as in PointNet segmentation); False = the published encoder.
