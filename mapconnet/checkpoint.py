@@ -168,7 +168,7 @@ def load_grown(model: MAPConNet, weights: dict) -> None:
     weights = dict(weights)
     for _, _, silent in GROWABLE_FIELDS.values():
         old, new = weights.get(silent), state.get(silent)
-        if old is not None and new is not None and old.shape != new.shape:  # a widened input: the added columns start at zero
+        if old is not None and new is not None and old.shape != new.shape:  # a widened input: new columns at zero
             weights[silent] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values()))]
