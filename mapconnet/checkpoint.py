@@ -29,15 +29,15 @@ CHECKPOINT_FORMAT = "mapconnet-checkpoint-v2"
 RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
 # ModelConfig fields whose "off" value in a checkpoint `--init` may turn on: the branch they add
 # starts silent, so the grown model computes the same function as the checkpoint's and training
-# goes on from it. Field -> (off value, prefix of the weights the branch adds, the weight that
-# silences it). A silencing weight the checkpoint lacks is set to zero: the decoder's projection
+# goes on from it. Field -> (off value, prefix of the weights the branch adds or None, the weight
+# that silences it). A silencing weight the checkpoint lacks is set to zero: the decoder's projection
 # starts at zero anyway (model.MAPConNet.reset_parameters); the encoder's offsets map starts at
 # zero only when grown: max_j (h + IN(0)) = h. One the checkpoint has with fewer input columns
 # (encoder_global widens the encoder's feature layer to read [h, max over vertices of h]) keeps
 # its columns and the new ones start at zero.
 GROWABLE_FIELDS = {"decoder_neighbours": (0, "decoder.local", "decoder.local_out.weight"),
                    "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight"),
-                   "encoder_global": (False, "encoder.fc3.weight", "encoder.fc3.weight")}
+                   "encoder_global": (False, None, "encoder.fc3.weight")}
 # What a checkpoint written before a ModelConfig field existed computed: that field's value then.
 BEFORE_FIELD = {"decoder_neighbours": 0}
 
@@ -171,7 +171,7 @@ def load_grown(model: MAPConNet, weights: dict) -> None:
         if old is not None and new is not None and old.shape != new.shape:  # a widened input: new columns at zero
             weights[silent] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values()))]
+    wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values() if p))]
     if wrong or unexpected:
         raise ValueError(f"--init weights do not fit the model: {(wrong + list(unexpected))[:4]} "
                          "(missing or unexpected)")
