@@ -27,6 +27,7 @@ STAGES = (
     (7, "centred loss", 6),
     (8, "encoder context", 7),
     (9, "global context", 8),
+    (10, "cycle", 9),
 )
 
 
