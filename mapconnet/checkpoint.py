@@ -30,16 +30,17 @@ RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
 # ModelConfig fields whose "off" value in a checkpoint `--init` may turn on: the branch they add
 # starts silent, so the grown model computes the same function as the checkpoint's and training
 # goes on from it. Field -> (off value, prefix of the weights the branch adds or None, the weight
-# that silences it). A silencing weight the checkpoint lacks is set to zero: the decoder's projection
-# starts at zero anyway (model.MAPConNet.reset_parameters); the encoder's offsets map starts at
+# that silences it or the prefix of those). A silencing weight the checkpoint lacks is set to zero:
+# the decoder's projections start at zero anyway (model.MAPConNet.reset_parameters); the encoder's offsets map starts at
 # zero only when grown: max_j (h + IN(0)) = h. One the checkpoint has with fewer input columns
 # (encoder_global widens the encoder's feature layer to read [h, max over vertices of h]) keeps
 # its columns and the new ones start at zero.
 GROWABLE_FIELDS = {"decoder_neighbours": (0, "decoder.local", "decoder.local_out.weight"),
+                   "decoder_hops": (0, "decoder.hop_", "decoder.hop_out."),
                    "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight"),
                    "encoder_global": (False, None, "encoder.fc3.weight")}
 # What a checkpoint written before a ModelConfig field existed computed: that field's value then.
-BEFORE_FIELD = {"decoder_neighbours": 0}
+BEFORE_FIELD = {"decoder_neighbours": 0, "decoder_hops": 0}
 
 
 def save(path, payload: dict) -> Path:
@@ -176,9 +177,9 @@ def load_grown(model: MAPConNet, weights: dict) -> None:
         raise ValueError(f"--init weights do not fit the model: {(wrong + list(unexpected))[:4]} "
                          "(missing or unexpected)")
     with torch.no_grad():
-        for _, _, silent in GROWABLE_FIELDS.values():
-            if silent in missing:
-                state[silent].zero_()
+        for name in missing:
+            if name.startswith(tuple(silent for _, _, silent in GROWABLE_FIELDS.values())):
+                state[name].zero_()
 
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"

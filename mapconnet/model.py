@@ -51,6 +51,12 @@ class ModelConfig:
     # collapsed); this shows it. 0 = the published per-vertex decoder. k = 8 cut the full-list
     # unseen PMD 15.40 -> 13.99 in 1,300 steps from the same weights (README "Deviations").
     decoder_neighbours: int = 8
+    # Message passing inside the decoder: after each of its first `decoder_hops` stages every vertex
+    # also reads the max over the same k identity neighbours of IN(hop_in(h_j) - hop_in(h_i)), through a
+    # zero-initialised projection (so adding it leaves a model's function unchanged). Each hop widens
+    # what a vertex sees by one ring of neighbours: a vertex the correspondence sent astray can be
+    # pulled back by its neighbours' warped positions. Needs decoder_neighbours >= 1.
+    decoder_hops: int = 0
     eps: float = 0.03  # Sinkhorn entropic regularisation (logits C / eps)
     iters: int = 5  # Sinkhorn iterations
     backend: str = "auto"  # kernels backend: auto, torch, chunked, keops, triton
@@ -69,8 +75,13 @@ class ModelConfig:
         widths = (lambda w: all(c >= 1 for c in w)), "widths >= 1"
         check_ranges(self, {"encoder_widths": widths, "decoder_widths": widths, "residual_blocks": at_least(0),
                             "encoder_neighbours": at_least(0),
-                            "decoder_neighbours": at_least(0), "eps": POSITIVE, "iters": at_least(1),
+                            "decoder_neighbours": at_least(0), "decoder_hops": at_least(0), "eps": POSITIVE, "iters": at_least(1),
                             "init_gain": POSITIVE})
+        if self.decoder_hops > len(self.decoder_widths):
+            raise ValueError(f"--decoder-hops must be at most the number of decoder stages "
+                             f"({len(self.decoder_widths)}), got {self.decoder_hops}")
+        if self.decoder_hops and not self.decoder_neighbours:
+            raise ValueError("--decoder-hops needs the decoder's neighbours (--decoder-neighbours >= 1), got 0")
         if self.decoder_output not in DECODER_OUTPUTS:
             raise ValueError(f"decoder_output must be one of {DECODER_OUTPUTS}, got {self.decoder_output!r}")
         if self.backend != "auto" and self.backend not in kernels.dispatch.SOFTMAX_BACKENDS:
@@ -171,7 +182,7 @@ class Encoder(nn.Module):
         return h
 
 
-LOCAL_WIDTH = 64  # channels of the decoder's local context before its projection to the first stage
+LOCAL_WIDTH = 64  # channels of the decoder's local context (and of each hop) before its projection
 
 
 class ElaIN(nn.Module):
@@ -233,6 +244,9 @@ class Decoder(nn.Module):
             self.local_out = nn.Linear(LOCAL_WIDTH, widths[0])  # zero-initialised (MAPConNet.reset_parameters)
         self.stages = nn.ModuleList(nn.Linear(c_in, c) for c_in, c in zip((widths[0],) + widths[:-1], widths))
         self.blocks = nn.ModuleList(ElaINResBlock(c, code_dim) for c in widths)
+        hopped = widths[:cfg.decoder_hops]
+        self.hop_in = nn.ModuleList(normalised_linear(c, LOCAL_WIDTH) for c in hopped)
+        self.hop_out = nn.ModuleList(nn.Linear(LOCAL_WIDTH, c) for c in hopped)  # zero-initialised
         self.out = nn.Linear(widths[-1], 3)
 
     def forward(self, warped, code, identity=None, checkpoint_stages: bool = False):
@@ -241,24 +255,32 @@ class Decoder(nn.Module):
         activations (about 40 (B, N, C) tensors per stage) are recomputed in the backward, so
         only one stage's live at a time."""
         h = self.lift(torch.cat([warped, identity], dim=-1) if self.sees_identity else warped)
+        idx = None
         if self.neighbours:
-            h = h + self.local_out(F.leaky_relu(self.local_context(warped, identity), 0.2))
-        for stage, block in zip(self.stages, self.blocks):
-            if checkpoint_stages:
-                h = checkpoint(lambda h, stage=stage, block=block: block(stage(h), code), h, use_reentrant=False)
-            else:
-                h = block(stage(h), code)
+            # Neighbours come from the identity mesh: a surface, unlike W, where the correspondence
+            # may have collapsed a patch. (B, N, k), the vertex itself left out.
+            idx = nearest_vertices(identity, self.neighbours + 1)[..., 1:]
+            local = edge_max(self.local, torch.cat([warped, identity], dim=-1), idx)  # [W_j - W_i, I_j - I_i]
+            h = h + self.local_out(F.leaky_relu(local, 0.2))
+        for s, (stage, block) in enumerate(zip(self.stages, self.blocks)):
+            run = lambda h, s=s, stage=stage, block=block: self.hop(s, block(stage(h), code), idx)  # noqa: E731
+            h = checkpoint(run, h, use_reentrant=False) if checkpoint_stages else run(h)
         return warped + self.out(h) if self.residual else 2 * torch.tanh(self.out(h))
 
-    def local_context(self, warped, identity):
-        """max over the k nearest identity vertices j of IN(local([W_j - W_i, I_j - I_i])), (B, N, LOCAL_WIDTH).
-        Neighbours come from the identity mesh (a surface, unlike W where the correspondence may have
-        collapsed a patch); both offsets are a few centimetres, hence the instance norm."""
-        idx = nearest_vertices(identity, self.neighbours + 1)[..., 1:]  # (B, N, k): the vertex itself left out
-        offsets = neighbour_offsets(torch.cat([warped, identity], dim=-1), idx)  # (B, N, k, 6)
-        B, N, k, _ = offsets.shape
-        offsets = instance_norm(self.local(offsets.reshape(B, N * k, 6)))
-        return offsets.reshape(B, N, k, -1).amax(dim=2)
+    def hop(self, s, h, idx):
+        """h (B, N, C) after stage s, plus (for the first `decoder_hops` stages) its neighbours' message."""
+        if s >= len(self.hop_in):
+            return h
+        return h + self.hop_out[s](F.leaky_relu(edge_max(self.hop_in[s], h, idx), 0.2))
+
+
+def edge_max(linear: nn.Linear, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """max over the neighbours j (idx (B, N, k)) of IN(linear(x_j - x_i)), (B, N, linear.out_features).
+    `linear` has no bias, so linear(x_j - x_i) = linear(x)_j - linear(x)_i: the map runs once per
+    vertex, not per edge. The differences are small next to x (centimetres), hence their own norm."""
+    offsets = neighbour_offsets(linear(x), idx)  # (B, N, k, C)
+    B, N, k, C = offsets.shape
+    return instance_norm(offsets.reshape(B, N * k, C)).reshape(B, N, k, C).amax(dim=2)
 
 
 class MAPConNet(nn.Module):
@@ -285,6 +307,8 @@ class MAPConNet(nn.Module):
             nn.init.zeros_(self.decoder.out.weight)
         if self.decoder.neighbours:  # the local context starts silent: adding it changes no function
             nn.init.zeros_(self.decoder.local_out.weight)
+        for out in self.decoder.hop_out:  # so do the hops
+            nn.init.zeros_(out.weight)
 
     def correspond(self, identity_features, pose_features, pose_vertices):
         """Warp the pose mesh into identity order; returns (W (B, N_I, 3), matching (B, N_I))."""

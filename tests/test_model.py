@@ -192,3 +192,25 @@ def test_decoder_local_context_starts_silent():
     assert grown.local_out.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="--decoder-neighbours must be >= 0, got -2"):
         ModelConfig(decoder_neighbours=-2)
+
+
+def test_decoder_hops_start_silent():
+    """decoder_hops adds message passing after the first stages, through projections that start at
+    zero: the grown decoder computes the same function and the projections learn (they get a
+    gradient). Bad values are refused."""
+    torch.manual_seed(0)
+    plain = _trained_looking(MAPConNet(ModelConfig(**TINY, decoder_neighbours=2))).decoder.eval()
+    grown = MAPConNet(ModelConfig(**TINY, decoder_neighbours=2, decoder_hops=2)).decoder.eval()
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert {m.split(".")[0] for m in missing} == {"hop_in", "hop_out"} and not unexpected
+    assert all(out.weight.abs().sum() == 0 for out in grown.hop_out)
+    warped, code, identity = torch.randn(1, 40, 3), torch.randn(1, 40, 8), torch.randn(1, 40, 3)
+    torch.testing.assert_close(grown(warped, code, identity), plain(warped, code, identity), rtol=0, atol=0)
+    grown(warped, code, identity).square().sum().backward()
+    assert all(out.weight.grad.abs().sum() > 0 for out in grown.hop_out)
+    with pytest.raises(ValueError, match=r"--decoder-hops must be at most the number of decoder stages \(3\), got 4"):
+        ModelConfig(decoder_hops=4)
+    with pytest.raises(ValueError, match="--decoder-hops needs the decoder's neighbours"):
+        ModelConfig(decoder_neighbours=0, decoder_hops=1)
+    with pytest.raises(ValueError, match="--decoder-hops must be >= 0, got -1"):
+        ModelConfig(decoder_hops=-1)

@@ -342,7 +342,7 @@ def test_init_starts_from_the_weights_and_may_grow_the_context_branches(tiny_dat
     train.main(train.TrainConfig(data=str(tiny_dataset), out=str(source), max_steps=2, batch_size=1, val_every=100,
                                  val_pairs=1, checkpoint_every=100, compile=False), ModelConfig(**per_vertex))
     final = train.read_validation(source)[-1]
-    grow_all = {"decoder_neighbours": 3, "encoder_neighbours": 4, "encoder_global": True}
+    grow_all = {"decoder_neighbours": 3, "decoder_hops": 2, "encoder_neighbours": 4, "encoder_global": True}
     for name, extra in (("same", {}), ("grown", grow_all)):
         cfg = train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / name), max_steps=1, batch_size=1,
                                 val_every=100, val_pairs=1, checkpoint_every=100, compile=False,
@@ -352,10 +352,11 @@ def test_init_starts_from_the_weights_and_may_grow_the_context_branches(tiny_dat
         start = train.read_validation(tmp_path / name)[0]
         assert start[0] == 0 and start[1] == pytest.approx(final[1], rel=1e-6)
     grown_config = ckpt.load(tmp_path / "grown" / "checkpoint.pt")["model_config"]
-    assert grown_config["decoder_neighbours"] == 3 and grown_config["encoder_neighbours"] == 4
+    assert grown_config["decoder_neighbours"] == 3 and grown_config["decoder_hops"] == 2
+    assert grown_config["encoder_neighbours"] == 4
     assert grown_config["encoder_global"] is True
     with pytest.raises(ValueError, match=r"another model config \(feature_dim: checkpoint 16, given 8\).*--init may "
-                                         r"also turn on decoder_neighbours, encoder_neighbours, encoder_global"):
+                                         r"also turn on decoder_neighbours, decoder_hops, encoder_neighbours, encoder_global"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "wider"), max_steps=1,
                                      init=str(source / "checkpoint.pt"), compile=False),
                    ModelConfig(**{**per_vertex, "feature_dim": 8}))
