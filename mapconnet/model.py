@@ -74,8 +74,8 @@ class ModelConfig:
             raise ValueError("decoder_widths must name at least one stage")
         widths = (lambda w: all(c >= 1 for c in w)), "widths >= 1"
         check_ranges(self, {"encoder_widths": widths, "decoder_widths": widths, "residual_blocks": at_least(0),
-                            "encoder_neighbours": at_least(0),
-                            "decoder_neighbours": at_least(0), "decoder_hops": at_least(0), "eps": POSITIVE, "iters": at_least(1),
+                            "encoder_neighbours": at_least(0), "decoder_neighbours": at_least(0),
+                            "decoder_hops": at_least(0), "eps": POSITIVE, "iters": at_least(1),
                             "init_gain": POSITIVE})
         if self.decoder_hops > len(self.decoder_widths):
             raise ValueError(f"--decoder-hops must be at most the number of decoder stages "

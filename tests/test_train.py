@@ -355,8 +355,9 @@ def test_init_starts_from_the_weights_and_may_grow_the_context_branches(tiny_dat
     assert grown_config["decoder_neighbours"] == 3 and grown_config["decoder_hops"] == 2
     assert grown_config["encoder_neighbours"] == 4
     assert grown_config["encoder_global"] is True
-    with pytest.raises(ValueError, match=r"another model config \(feature_dim: checkpoint 16, given 8\).*--init may "
-                                         r"also turn on decoder_neighbours, decoder_hops, encoder_neighbours, encoder_global"):
+    grows = "decoder_neighbours, decoder_hops, encoder_neighbours, encoder_global"
+    with pytest.raises(ValueError, match=rf"another model config \(feature_dim: checkpoint 16, given 8\).*--init "
+                                         rf"may also turn on {grows}"):
         train.main(train.TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "wider"), max_steps=1,
                                      init=str(source / "checkpoint.pt"), compile=False),
                    ModelConfig(**{**per_vertex, "feature_dim": 8}))
