@@ -377,7 +377,8 @@ def check_step_memory(cfg: TrainConfig, model_cfg: ModelConfig, kinds: list[str]
         return
     unlabelled = any(k != "labelled" for k in kinds)
     here = local_batch(team, cfg.batch_size) * team.local_world
-    need = training_step_bytes(here, vertices, model_cfg.decoder_widths, unlabelled, model_cfg.decoder_neighbours)
+    need = training_step_bytes(here, vertices, model_cfg.decoder_widths, unlabelled, model_cfg.decoder_neighbours,
+                               model_cfg.decoder_hops)
     available = available_memory()
     if need > available:
         fit = available * cfg.batch_size // need
