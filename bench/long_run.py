@@ -28,6 +28,7 @@ STAGES = (
     (8, "encoder context", 7),
     (9, "global context", 8),
     (10, "cycle", 9),
+    (11, "decoder hops", 10),
 )
 
 
@@ -69,7 +70,7 @@ def plot(stages, out) -> Path:
     for ax, x, xlabel in ((axes[0], "step", "training steps (batch 2)"),
                           (axes[1], "hours", "training wall-clock (hours, 2 CPU cores)")):
         for i, (stage, label, rows) in enumerate(stages):
-            colour = f"C{i}"
+            colour = plt.cm.tab20(i % 20)  # more stages than the default cycle's 10 colours
             xs = [r[x] for r in rows]
             ax.plot(xs, [r["pmd"] * 1e4 for r in rows], "o-", color=colour, ms=3, label=f"{stage} {label}: model")
             ax.plot(xs, [r["warped_pmd"] * 1e4 for r in rows], ":", color=colour, label=f"{stage} {label}: warped mesh")
