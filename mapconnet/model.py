@@ -260,7 +260,9 @@ class Decoder(nn.Module):
             # Neighbours come from the identity mesh: a surface, unlike W, where the correspondence
             # may have collapsed a patch. (B, N, k), the vertex itself left out.
             idx = nearest_vertices(identity, self.neighbours + 1)[..., 1:]
-            local = edge_max(self.local, torch.cat([warped, identity], dim=-1), idx)  # [W_j - W_i, I_j - I_i]
+            # [W_j - W_i, I_j - I_i]: centimetre offsets of metre coordinates, so subtracted before the
+            # map (mapping first would cancel digits, and make 1- and N-process training differ)
+            local = edge_max(self.local(neighbour_offsets(torch.cat([warped, identity], dim=-1), idx)))
             h = h + self.local_out(F.leaky_relu(local, 0.2))
         for s, (stage, block) in enumerate(zip(self.stages, self.blocks)):
             run = lambda h, s=s, stage=stage, block=block: self.hop(s, block(stage(h), code), idx)  # noqa: E731
@@ -271,16 +273,17 @@ class Decoder(nn.Module):
         """h (B, N, C) after stage s, plus (for the first `decoder_hops` stages) its neighbours' message."""
         if s >= len(self.hop_in):
             return h
-        return h + self.hop_out[s](F.leaky_relu(edge_max(self.hop_in[s], h, idx), 0.2))
+        # hop_in has no bias, so hop_in(h_j - h_i) = hop_in(h)_j - hop_in(h)_i: the map runs once per
+        # vertex, not per edge (features and their differences are of one size, so no digits are lost)
+        message = edge_max(neighbour_offsets(self.hop_in[s](h), idx))
+        return h + self.hop_out[s](F.leaky_relu(message, 0.2))
 
 
-def edge_max(linear: nn.Linear, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """max over the neighbours j (idx (B, N, k)) of IN(linear(x_j - x_i)), (B, N, linear.out_features).
-    `linear` has no bias, so linear(x_j - x_i) = linear(x)_j - linear(x)_i: the map runs once per
-    vertex, not per edge. The differences are small next to x (centimetres), hence their own norm."""
-    offsets = neighbour_offsets(linear(x), idx)  # (B, N, k, C)
-    B, N, k, C = offsets.shape
-    return instance_norm(offsets.reshape(B, N * k, C)).reshape(B, N, k, C).amax(dim=2)
+def edge_max(edges: torch.Tensor) -> torch.Tensor:
+    """(B, N, k, C) per-edge values -> (B, N, C): max over the k neighbours of the instance norm over
+    all edges (the edge values are differences, far smaller than the values they came from)."""
+    B, N, k, C = edges.shape
+    return instance_norm(edges.reshape(B, N * k, C)).reshape(B, N, k, C).amax(dim=2)
 
 
 class MAPConNet(nn.Module):
