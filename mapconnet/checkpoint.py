@@ -31,10 +31,10 @@ RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
 # starts silent, so the grown model computes the same function as the checkpoint's and training
 # goes on from it. Field -> (off value, prefix of the weights the branch adds or None, the weight
 # that silences it or the prefix of those). A silencing weight the checkpoint lacks is set to zero:
-# the decoder's projections start at zero anyway (model.MAPConNet.reset_parameters); the encoder's offsets map starts at
-# zero only when grown: max_j (h + IN(0)) = h. One the checkpoint has with fewer input columns
-# (encoder_global widens the encoder's feature layer to read [h, max over vertices of h]) keeps
-# its columns and the new ones start at zero.
+# the decoder's projections start at zero anyway (model.MAPConNet.reset_parameters); the
+# encoder's offsets map starts at zero only when grown: max_j (h + IN(0)) = h. One the checkpoint
+# has with fewer input columns (encoder_global widens the encoder's feature layer to read [h, max
+# over vertices of h]) keeps its columns and the new ones start at zero.
 GROWABLE_FIELDS = {"decoder_neighbours": (0, "decoder.local", "decoder.local_out.weight"),
                    "decoder_hops": (0, "decoder.hop_", "decoder.hop_out."),
                    "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight"),
@@ -176,9 +176,10 @@ def load_grown(model: MAPConNet, weights: dict) -> None:
     if wrong or unexpected:
         raise ValueError(f"--init weights do not fit the model: {(wrong + list(unexpected))[:4]} "
                          "(missing or unexpected)")
+    silencing = tuple(silent for _, _, silent in GROWABLE_FIELDS.values())
     with torch.no_grad():
         for name in missing:
-            if name.startswith(tuple(silent for _, _, silent in GROWABLE_FIELDS.values())):
+            if name.startswith(silencing):
                 state[name].zero_()
 
 
