@@ -29,6 +29,7 @@ STAGES = (
     (9, "global context", 8),
     (10, "cycle", 9),
     (11, "decoder hops", 10),
+    (12, "cycle", 11),
 )
 
 
