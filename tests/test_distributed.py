@@ -82,11 +82,15 @@ def test_two_processes_train_what_one_trains_from_the_stream(tiny_dataset, tmp_p
     """--data stream: stream item g is a function of (seed, g) only, so the ranks' slices of a global
     batch are the single process's samples. Semi-supervised for 3 steps draws from the labelled and
     an unlabelled stream (labelled, cross_a, labelled), global batch 2: one process straight; two
-    processes for 2 steps, then --resume with one. Same losses and weights to 1e-5 relative.
+    processes for 2 steps, then --resume with one. Same losses and weights to 1e-5 relative. The
+    model has the shipped model's decoder hops (message passing between neighbouring vertices).
     The single-process runs are train.py's command line in this process, which saves starting a
     Python and loading anny again (the fixture loaded it); only the torchrun job starts processes."""
-    args = [*TINY, "--val-data", str(tiny_dataset), "--val-pairs", "0", "--batch-size", "2", "--max-steps", "3",
-            "--percentage", "50", "--use-unlabelled"]
+    # Not the shipped encoder context: --encoder-global's columns get rounding noise only (the
+    # instance norm after them cancels them, docs/DESIGN.md), which Adam turns into other values
+    # per process count; with --encoder-neighbours 4 the weights end 7.7e-5 apart, not yet explained.
+    args = [*TINY, "--decoder-hops", "1", "--val-data", str(tiny_dataset), "--val-pairs", "0", "--batch-size", "2",
+            "--max-steps", "3", "--percentage", "50", "--use-unlabelled"]
     parse_and_train(["--data", "stream", "--out", str(tmp_path / "one"), *args])
     _ok(_train("stream", tmp_path / "two", *args[len(TINY):], "--stop-after", "2", processes=2))
     assert [r["kind"] for r in _losses(tmp_path / "two")] == ["labelled", "cross_a"]
