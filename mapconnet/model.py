@@ -33,7 +33,9 @@ class ModelConfig:
     # model (README "Deviations from the paper").
     encoder_neighbours: int = 0
     # The feature layer also reads a max-pool of the second layer over all vertices (a whole-body
-    # descriptor, as in PointNet segmentation); False = the published encoder.
+    # descriptor, as in PointNet segmentation); False = the published encoder. As built it changes
+    # nothing: it is the same for every vertex and the feature layer's instance norm subtracts
+    # per-channel constants (docs/DESIGN.md). Kept so that the shipped checkpoints, which have it, load.
     encoder_global: bool = False
     residual_blocks: int = 4
     # The published widths are (1024, 512, 256); 4x narrower stages cost 7x fewer decoder FLOPs
