@@ -32,13 +32,11 @@ RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
 # goes on from it. Field -> (off value, prefix of the weights the branch adds or None, the weight
 # that silences it or the prefix of those). A silencing weight the checkpoint lacks is set to zero:
 # the decoder's projections start at zero anyway (model.MAPConNet.reset_parameters); the
-# encoder's offsets map starts at zero only when grown: max_j (h + IN(0)) = h. One the checkpoint
-# has with fewer input columns (encoder_global widens the encoder's feature layer to read [h, max
-# over vertices of h]) keeps its columns and the new ones start at zero.
+# encoder's offsets map starts at zero only when grown: max_j (h + IN(0)) = h.
 GROWABLE_FIELDS = {"decoder_neighbours": (0, "decoder.local", "decoder.local_out.weight"),
                    "decoder_hops": (0, "decoder.hop_", "decoder.hop_out."),
                    "encoder_neighbours": (0, "encoder.fc_offsets", "encoder.fc_offsets.weight"),
-                   "encoder_global": (False, None, "encoder.fc3.weight")}
+                   "encoder_global": (False, "encoder.fc_global", "encoder.fc_global.weight")}
 # What a checkpoint written before a ModelConfig field existed computed: that field's value then.
 BEFORE_FIELD = {"decoder_neighbours": 0, "decoder_hops": 0}
 
@@ -84,33 +82,51 @@ def load(path) -> dict:
     if broken:
         raise ValueError(f"checkpoint {path} has NaN or inf in {len(broken)} weight tensors ({', '.join(broken[:3])}): "
                          "the run that wrote it diverged; use an earlier checkpoint")
-    return _without_cancelled_biases(payload)
+    return _in_current_layout(payload)
 
 
-def _without_cancelled_biases(payload: dict) -> dict:
-    """A checkpoint written while the instance-normalised layers had biases (`model.CANCELLED_BIAS`)
-    without them: out of the weights, and their Adam state out of the optimizer's (whose entries are
-    numbered in parameter order; a bias came right after its layer's weight). The model computes
-    the same function without them, so such a checkpoint evaluates and resumes as before."""
-    cancelled = {k for k in payload["model"] if CANCELLED_BIAS.fullmatch(k)}
-    if not cancelled:
+def _in_current_layout(payload: dict) -> dict:
+    """A checkpoint written by an earlier layout of the same model, in today's layout; the model
+    computes the same function from it, so such a checkpoint evaluates and resumes as before.
+
+    - The instance-normalised layers had biases (`model.CANCELLED_BIAS`): dropped, weights and Adam
+      state (the norm cancelled them exactly).
+    - `encoder_global` concatenated [h, max over vertices of h] before the feature layer fc3,
+      whose instance norm cancelled the second half (a per-channel constant): fc3 keeps its first
+      half of input columns, and the new `encoder.fc_global` map starts at zero.
+
+    The optimizer's entries are numbered in parameter order: they are renumbered by name."""
+    weights = payload["model"]
+    cancelled = {k for k in weights if CANCELLED_BIAS.fullmatch(k)}
+    cfg = model_config_from(payload)
+    concatenated = cfg.encoder_global and "encoder.fc_global.weight" not in weights
+    if not cancelled and not concatenated:
         return payload
-    payload = {**payload, "model": {k: v for k, v in payload["model"].items() if k not in cancelled}}
+    weights = {k: v for k, v in weights.items() if k not in cancelled}
+    width = cfg.encoder_widths[1]
+    if concatenated:
+        weights["encoder.fc3.weight"] = weights["encoder.fc3.weight"][:, :width].clone()
+        weights["encoder.fc_global.weight"] = weights["encoder.fc3.weight"].new_zeros(width, width)
+    payload = {**payload, "model": weights}
     if "optimizer" in payload:
+        names = [name for name, _ in MAPConNet(cfg).named_parameters()]
         old_order = []
-        for name, _ in MAPConNet(model_config_from(payload)).named_parameters():
+        for name in names:
+            if name == "encoder.fc_global.weight" and concatenated:
+                continue
             old_order.append(name)
             if name.endswith(".weight") and name[: -len("weight")] + "bias" in cancelled:
                 old_order.append(name[: -len("weight")] + "bias")
-        new_index = {}
-        for old, name in enumerate(old_order):
-            if name not in cancelled:
-                new_index[old] = len(new_index)
+        new_index = {old: names.index(name) for old, name in enumerate(old_order) if name in names}
         opt = payload["optimizer"]
-        payload["optimizer"] = {
-            "state": {new_index[i]: s for i, s in opt["state"].items() if i in new_index},
-            "param_groups": [{**g, "params": [new_index[i] for i in g["params"] if i in new_index]}
-                             for g in opt["param_groups"]]}
+        state = {new_index[i]: dict(s) for i, s in opt["state"].items() if i in new_index}
+        fc3 = names.index("encoder.fc3.weight")
+        if concatenated and fc3 in state:
+            state[fc3].update({k: v[:, :width].clone() for k, v in state[fc3].items() if torch.is_tensor(v) and v.ndim == 2})
+        groups = [{**g, "params": [new_index[i] for i in g["params"] if i in new_index]} for g in opt["param_groups"]]
+        if concatenated:  # fc_global joins the first group with no state: Adam starts it at its first step
+            groups[0]["params"] = sorted(groups[0]["params"] + [names.index("encoder.fc_global.weight")])
+        payload["optimizer"] = {"state": state, "param_groups": groups}
     return payload
 
 
@@ -166,11 +182,6 @@ def load_grown(model: MAPConNet, weights: dict) -> None:
     """Load `weights` (of a config `check_compatible(..., grow=True)` accepted) into `model`; a
     branch the checkpoint lacked starts silent (GROWABLE_FIELDS), so the function is the checkpoint's."""
     state = model.state_dict()
-    weights = dict(weights)
-    for _, _, silent in GROWABLE_FIELDS.values():
-        old, new = weights.get(silent), state.get(silent)
-        if old is not None and new is not None and old.shape != new.shape:  # a widened input: new columns at zero
-            weights[silent] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values() if p))]
     if wrong or unexpected:

@@ -32,10 +32,11 @@ class ModelConfig:
     # but cost 33% more time per step on 2 cores; the shipped model has both, grown over a trained
     # model (README "Deviations from the paper").
     encoder_neighbours: int = 0
-    # The feature layer also reads a max-pool of the second layer over all vertices (a whole-body
-    # descriptor, as in PointNet segmentation); False = the published encoder. As built it changes
-    # nothing: it is the same for every vertex and the feature layer's instance norm subtracts
-    # per-channel constants (docs/DESIGN.md). Kept so that the shipped checkpoints, which have it, load.
+    # Whole-body context: the max over all vertices of the second layer, through a linear map
+    # (fc_global, zero-initialised), is added to every vertex's second-layer features before their
+    # LeakyReLU, so each vertex is rectified against what the whole body looks like (a raised arm,
+    # a kicked leg). It must meet the features before a nonlinearity: a per-channel constant added
+    # after it is cancelled by the feature layer's instance norm. False = the published encoder.
     encoder_global: bool = False
     residual_blocks: int = 4
     # The published widths are (1024, 512, 256); 4x narrower stages cost 7x fewer decoder FLOPs
@@ -160,7 +161,9 @@ class Encoder(nn.Module):
         if self.neighbours:
             self.fc_offsets = normalised_linear(3, w1)  # its own map and norm: offsets are ~100x smaller than x
         self.fc2 = normalised_linear(w1, w2)
-        self.fc3 = normalised_linear(2 * w2 if self.global_context else w2, cfg.feature_dim)
+        if self.global_context:
+            self.fc_global = nn.Linear(w2, w2, bias=False)  # zero at start (MAPConNet.reset_parameters)
+        self.fc3 = normalised_linear(w2, cfg.feature_dim)
         self.blocks = nn.ModuleList(ResidualBlock(cfg.feature_dim) for _ in range(cfg.residual_blocks))
 
     def first_layer(self, x):
@@ -177,7 +180,7 @@ class Encoder(nn.Module):
         h = self.first_layer(x)
         h = instance_norm(self.fc2(F.leaky_relu(h, 0.2)))
         if self.global_context:
-            h = torch.cat([h, h.amax(dim=1, keepdim=True).expand_as(h)], dim=-1)
+            h = h + self.fc_global(h.amax(dim=1, keepdim=True))  # (B, 1, w2) broadcast over the vertices
         h = F.normalize(instance_norm(self.fc3(F.leaky_relu(h, 0.2))), dim=-1)
         for block in self.blocks:
             h = block(h)
@@ -314,6 +317,8 @@ class MAPConNet(nn.Module):
             nn.init.zeros_(self.decoder.local_out.weight)
         for out in self.decoder.hop_out:  # so do the hops
             nn.init.zeros_(out.weight)
+        if self.encoder.global_context:  # and the encoder's whole-body context
+            nn.init.zeros_(self.encoder.fc_global.weight)
 
     def correspond(self, identity_features, pose_features, pose_vertices):
         """Warp the pose mesh into identity order; returns (W (B, N_I, 3), matching (B, N_I))."""

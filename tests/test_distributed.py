@@ -83,13 +83,13 @@ def test_two_processes_train_what_one_trains_from_the_stream(tiny_dataset, tmp_p
     batch are the single process's samples. Semi-supervised for 3 steps draws from the labelled and
     an unlabelled stream (labelled, cross_a, labelled), global batch 2: one process straight; two
     processes for 2 steps, then --resume with one. Same losses and weights to 1e-5 relative. The
-    model has the shipped model's decoder hops (message passing between neighbouring vertices).
+    model has the shipped model's decoder hops (message passing between neighbouring vertices) and
+    its encoder's whole-body context.
     The single-process runs are train.py's command line in this process, which saves starting a
     Python and loading anny again (the fixture loaded it); only the torchrun job starts processes."""
-    # Not the shipped encoder context: --encoder-global's columns get rounding noise only (the
-    # instance norm after them cancels them, docs/DESIGN.md), which Adam turns into other values
-    # per process count; with --encoder-neighbours 4 the weights end 7.7e-5 apart, not yet explained.
-    args = [*TINY, "--decoder-hops", "1", "--val-data", str(tiny_dataset), "--val-pairs", "0", "--batch-size", "2",
+    # Not the shipped encoder's local context: with --encoder-neighbours 4 the weights end 7.7e-5
+    # apart, not yet explained.
+    args = [*TINY, "--decoder-hops", "1", "--encoder-global", "--val-data", str(tiny_dataset), "--val-pairs", "0", "--batch-size", "2",
             "--max-steps", "3", "--percentage", "50", "--use-unlabelled"]
     parse_and_train(["--data", "stream", "--out", str(tmp_path / "one"), *args])
     _ok(_train("stream", tmp_path / "two", *args[len(TINY):], "--stop-after", "2", processes=2))
@@ -167,3 +167,63 @@ def test_checkpoints_with_cancelled_biases_load_and_resume(tmp_path):
     with torch.no_grad():
         got, want = new(x, y).output, old(x, y).output
     assert float((got - want).norm() / want.norm()) <= 1e-5  # float32 rounding of the cancelled bias only
+
+
+def test_checkpoints_with_the_concatenated_global_context_load_and_resume(tmp_path):
+    """A checkpoint from when encoder_global concatenated [h, max over vertices of h] after the
+    LeakyReLU, before the feature layer fc3 (whose instance norm cancelled the max-pooled half): fc3
+    keeps its per-vertex columns, in the weights and in Adam's state, the new fc_global map starts at
+    zero, and the model computes the old model's function."""
+    from dataclasses import asdict
+
+    import torch.nn.functional as F
+
+    from mapconnet.model import MAPConNet, ModelConfig, instance_norm
+    from mapconnet.training import make_optimizer
+
+    cfg = ModelConfig(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8),
+                      encoder_global=True, backend="torch")
+    old = MAPConNet(cfg)
+    encoder = old.encoder
+    del encoder.fc_global  # the old layout, re-created: fc3 reads [h, max over vertices of h]
+    encoder.fc3 = torch.nn.Linear(32, 16, bias=False)
+
+    def concatenating_forward(x):
+        h = instance_norm(encoder.fc2(F.leaky_relu(encoder.first_layer(x), 0.2)))
+        h = torch.cat([h, h.amax(dim=1, keepdim=True).expand_as(h)], dim=-1)
+        h = F.normalize(instance_norm(encoder.fc3(F.leaky_relu(h, 0.2))), dim=-1)
+        for block in encoder.blocks:
+            h = block(h)
+        return h
+
+    encoder.forward = concatenating_forward
+    torch.nn.init.normal_(old.decoder.out.weight, std=0.1)  # a decoder that moves the warped mesh
+    x, y = torch.randn(1, 40, 3), torch.randn(1, 40, 3)
+    optimizer = make_optimizer(old, 1e-3)
+    old(x, y).output.square().mean().backward()
+    optimizer.step()
+    ckpt.save(tmp_path / "old.pt", {"model": old.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "model_config": asdict(cfg)})
+
+    payload = ckpt.load(tmp_path / "old.pt")
+    new = MAPConNet(cfg)
+    new.load_state_dict(payload["model"])  # strict: nothing missing, nothing left over
+    assert torch.all(new.encoder.fc_global.weight == 0)
+    assert torch.equal(new.encoder.fc3.weight, encoder.fc3.weight[:, :16])
+    resumed = make_optimizer(new, 1e-3)
+    resumed.load_state_dict(payload["optimizer"])
+    old_state = {n: optimizer.state[p] for n, p in old.named_parameters()}
+    for name, p in new.named_parameters():
+        if name == "encoder.fc_global.weight":
+            assert not resumed.state[p]  # Adam starts its state at the first step
+            continue
+        want = old_state[name]["exp_avg"]
+        got = resumed.state[p]["exp_avg"]
+        assert torch.equal(got, want[:, :16] if name == "encoder.fc3.weight" else want), name
+    old.eval(), new.eval()
+    with torch.no_grad():
+        got, want = new(x, y).output, old(x, y).output
+    assert float((got - want).norm() / want.norm()) <= 1e-5  # float32 rounding of the cancelled half only
+    new(x, y).output.square().mean().backward()
+    resumed.step()  # and it trains on
+    assert new.encoder.fc_global.weight.abs().sum() > 0

@@ -110,7 +110,9 @@ def test_nearest_vertices_match_brute_force_across_row_blocks():
 
 def test_encoder_context_reads_the_neighbourhood_and_the_whole_body():
     """With encoder_neighbours a vertex's features depend on where its neighbours are (a far vertex
-    moving changes nothing else than through the norms); with encoder_global on every vertex's."""
+    moving changes nothing else than through the norms); encoder_global's whole-body context starts
+    silent and then counts: it meets the per-vertex features before a nonlinearity, so the feature
+    layer's instance norm cannot cancel it (as it did a context concatenated after the LeakyReLU)."""
     torch.manual_seed(0)
     x = torch.randn(1, 60, 3)
     local = MAPConNet(ModelConfig(**TINY, encoder_neighbours=4)).encoder.eval()
@@ -119,8 +121,19 @@ def test_encoder_context_reads_the_neighbourhood_and_the_whole_body():
     moved[0, nearest_vertices(x, 4)[0, 0, 1]] += 0.05  # the nearest neighbour of vertex 0
     with torch.no_grad():
         assert not torch.allclose(local(moved)[0, 0], local(x)[0, 0])
+    plain = MAPConNet(ModelConfig(**TINY)).encoder
     whole = MAPConNet(ModelConfig(**TINY, encoder_global=True)).encoder
-    assert whole.fc3.in_features == 32  # per-vertex and max-pooled halves
+    assert whole.fc3.in_features == 16 and whole.fc_global.weight.shape == (16, 16)
+    assert torch.all(whole.fc_global.weight == 0)
+    missing, unexpected = whole.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["fc_global.weight"] and not unexpected
+    with torch.no_grad():  # silent at the start: the same function as without it
+        torch.testing.assert_close(whole(x), plain(x), rtol=0, atol=0)
+    whole(x).square().mean().backward()  # not rounding noise: of the order of the second layer's gradient
+    assert whole.fc_global.weight.grad.norm() > 1e-2 * whole.fc2.weight.grad.norm()
+    with torch.no_grad():
+        torch.nn.init.normal_(whole.fc_global.weight, std=0.3)
+        assert (whole(x) - plain(x)).norm() > 1e-2 * plain(x).norm()
     with pytest.raises(ValueError, match="--encoder-neighbours must be >= 0, got -1"):
         ModelConfig(encoder_neighbours=-1)
 
