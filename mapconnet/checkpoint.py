@@ -122,7 +122,8 @@ def _in_current_layout(payload: dict) -> dict:
         state = {new_index[i]: dict(s) for i, s in opt["state"].items() if i in new_index}
         fc3 = names.index("encoder.fc3.weight")
         if concatenated and fc3 in state:
-            state[fc3].update({k: v[:, :width].clone() for k, v in state[fc3].items() if torch.is_tensor(v) and v.ndim == 2})
+            state[fc3].update({k: v[:, :width].clone() for k, v in state[fc3].items()
+                               if torch.is_tensor(v) and v.ndim == 2})  # exp_avg, exp_avg_sq
         groups = [{**g, "params": [new_index[i] for i in g["params"] if i in new_index]} for g in opt["param_groups"]]
         if concatenated:  # fc_global joins the first group with no state: Adam starts it at its first step
             groups[0]["params"] = sorted(groups[0]["params"] + [names.index("encoder.fc_global.weight")])

@@ -89,8 +89,8 @@ def test_two_processes_train_what_one_trains_from_the_stream(tiny_dataset, tmp_p
     Python and loading anny again (the fixture loaded it); only the torchrun job starts processes."""
     # Not the shipped encoder's local context: with --encoder-neighbours 4 the weights end 7.7e-5
     # apart, not yet explained.
-    args = [*TINY, "--decoder-hops", "1", "--encoder-global", "--val-data", str(tiny_dataset), "--val-pairs", "0", "--batch-size", "2",
-            "--max-steps", "3", "--percentage", "50", "--use-unlabelled"]
+    args = [*TINY, "--decoder-hops", "1", "--encoder-global", "--val-data", str(tiny_dataset), "--val-pairs", "0",
+            "--batch-size", "2", "--max-steps", "3", "--percentage", "50", "--use-unlabelled"]
     parse_and_train(["--data", "stream", "--out", str(tmp_path / "one"), *args])
     _ok(_train("stream", tmp_path / "two", *args[len(TINY):], "--stop-after", "2", processes=2))
     assert [r["kind"] for r in _losses(tmp_path / "two")] == ["labelled", "cross_a"]
