@@ -26,10 +26,11 @@ STAGES = (
     (6, "decoder context", 4),
     (7, "centred loss", 6),
     (8, "encoder context", 7),
-    (9, "global context", 8),
+    (9, "global context (a no-op as built then)", 8),
     (10, "cycle", 9),
     (11, "decoder hops", 10),
     (12, "cycle", 11),
+    (13, "global context (shipped without)", 12),
 )
 
 
