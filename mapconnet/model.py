@@ -37,6 +37,7 @@ class ModelConfig:
     # LeakyReLU, so each vertex is rectified against what the whole body looks like (a raised arm,
     # a kicked leg). It must meet the features before a nonlinearity: a per-channel constant added
     # after it is cancelled by the feature layer's instance norm. False = the published encoder.
+    # Grown over a trained model it did not help, and the shipped model is without it (README "Deviations").
     encoder_global: bool = False
     residual_blocks: int = 4
     # The published widths are (1024, 512, 256); 4x narrower stages cost 7x fewer decoder FLOPs
