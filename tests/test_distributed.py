@@ -3,14 +3,17 @@ import csv
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mapconnet import checkpoint as ckpt
 from mapconnet.distributed import ShardedCount, Team
-from mapconnet.training import parse_and_train
+from mapconnet.model import CANCELLED_BIAS, MAPConNet, ModelConfig, instance_norm
+from mapconnet.training import make_optimizer, parse_and_train
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
 TINY = ["--feature-dim", "16", "--encoder-widths", "8", "16", "--residual-blocks", "1", "--decoder-widths", "16", "8",
@@ -132,15 +135,26 @@ def test_a_failing_rank_stops_the_job_with_its_message(tiny_dataset, tmp_path):
     assert not (tmp_path / "odd").exists()
 
 
+def _one_step_saved_and_loaded(old, cfg, x, y, path):
+    """Train `old` (a model in an earlier layout) one Adam step, save it as a training checkpoint at
+    `path`, and load that into today's model of `cfg` (strict) and a fresh optimiser.
+    Returns (old's optimiser, the new model, the new optimiser)."""
+    optimizer = make_optimizer(old, 1e-3)
+    old(x, y).output.square().mean().backward()
+    optimizer.step()
+    ckpt.save(path, {"model": old.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(cfg)})
+    payload = ckpt.load(path)
+    new = MAPConNet(cfg)
+    new.load_state_dict(payload["model"])  # strict: nothing missing, nothing left over
+    resumed = make_optimizer(new, 1e-3)
+    resumed.load_state_dict(payload["optimizer"])
+    return optimizer, new, resumed
+
+
 def test_checkpoints_with_cancelled_biases_load_and_resume(tmp_path):
     """A checkpoint from before the instance-normalised layers lost their biases: the biases (which
     the norm cancels) are dropped from the weights and from Adam's state, and the model computes the
     same function as the model that had them."""
-    from dataclasses import asdict
-
-    from mapconnet.model import CANCELLED_BIAS, MAPConNet, ModelConfig
-    from mapconnet.training import make_optimizer
-
     cfg = ModelConfig(feature_dim=16, encoder_widths=(8, 16), residual_blocks=2, decoder_widths=(16, 8),
                       decoder_neighbours=0, backend="torch")  # those checkpoints predate the decoder's context
     old = MAPConNet(cfg)
@@ -149,17 +163,7 @@ def test_checkpoints_with_cancelled_biases_load_and_resume(tmp_path):
             module.bias = torch.nn.Parameter(1e-3 * torch.randn(module.out_features))
     assert sum(CANCELLED_BIAS.fullmatch(n) is not None for n, _ in old.named_parameters()) == 3 + 2 * 2
     x, y = torch.randn(1, 40, 3), torch.randn(1, 40, 3)
-    optimizer = make_optimizer(old, 1e-3)
-    old(x, y).output.square().mean().backward()
-    optimizer.step()
-    ckpt.save(tmp_path / "old.pt", {"model": old.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "model_config": asdict(cfg)})
-
-    payload = ckpt.load(tmp_path / "old.pt")
-    new = MAPConNet(cfg)
-    new.load_state_dict(payload["model"])  # strict: nothing missing, nothing left over
-    resumed = make_optimizer(new, 1e-3)
-    resumed.load_state_dict(payload["optimizer"])
+    optimizer, new, resumed = _one_step_saved_and_loaded(old, cfg, x, y, tmp_path / "old.pt")
     old_state = {n: optimizer.state[p] for n, p in old.named_parameters()}
     for name, p in new.named_parameters():
         assert torch.equal(resumed.state[p]["exp_avg"], old_state[name]["exp_avg"]), name
@@ -174,13 +178,6 @@ def test_checkpoints_with_the_concatenated_global_context_load_and_resume(tmp_pa
     LeakyReLU, before the feature layer fc3 (whose instance norm cancelled the max-pooled half): fc3
     keeps its per-vertex columns, in the weights and in Adam's state, the new fc_global map starts at
     zero, and the model computes the old model's function."""
-    from dataclasses import asdict
-
-    import torch.nn.functional as F
-
-    from mapconnet.model import MAPConNet, ModelConfig, instance_norm
-    from mapconnet.training import make_optimizer
-
     cfg = ModelConfig(feature_dim=16, encoder_widths=(8, 16), residual_blocks=1, decoder_widths=(16, 8),
                       encoder_global=True, backend="torch")
     old = MAPConNet(cfg)
@@ -199,19 +196,9 @@ def test_checkpoints_with_the_concatenated_global_context_load_and_resume(tmp_pa
     encoder.forward = concatenating_forward
     torch.nn.init.normal_(old.decoder.out.weight, std=0.1)  # a decoder that moves the warped mesh
     x, y = torch.randn(1, 40, 3), torch.randn(1, 40, 3)
-    optimizer = make_optimizer(old, 1e-3)
-    old(x, y).output.square().mean().backward()
-    optimizer.step()
-    ckpt.save(tmp_path / "old.pt", {"model": old.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "model_config": asdict(cfg)})
-
-    payload = ckpt.load(tmp_path / "old.pt")
-    new = MAPConNet(cfg)
-    new.load_state_dict(payload["model"])  # strict: nothing missing, nothing left over
+    optimizer, new, resumed = _one_step_saved_and_loaded(old, cfg, x, y, tmp_path / "old.pt")
     assert torch.all(new.encoder.fc_global.weight == 0)
     assert torch.equal(new.encoder.fc3.weight, encoder.fc3.weight[:, :16])
-    resumed = make_optimizer(new, 1e-3)
-    resumed.load_state_dict(payload["optimizer"])
     old_state = {n: optimizer.state[p] for n, p in old.named_parameters()}
     for name, p in new.named_parameters():
         if name == "encoder.fc_global.weight":
