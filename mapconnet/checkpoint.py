@@ -29,7 +29,7 @@ CHECKPOINT_FORMAT = "mapconnet-checkpoint-v2"
 RUNTIME_FIELDS = ("backend", "checkpoint_decoder")
 # ModelConfig fields whose "off" value in a checkpoint `--init` may turn on: the branch they add
 # starts silent, so the grown model computes the same function as the checkpoint's and training
-# goes on from it. Field -> (off value, prefix of the weights the branch adds or None, the weight
+# goes on from it. Field -> (off value, prefix of the weights the branch adds, the weight
 # that silences it or the prefix of those). A silencing weight the checkpoint lacks is set to zero:
 # the decoder's projections start at zero anyway (model.MAPConNet.reset_parameters); the
 # encoder's offsets map starts at zero only when grown: max_j (h + IN(0)) = h.
@@ -184,7 +184,7 @@ def load_grown(model: MAPConNet, weights: dict) -> None:
     branch the checkpoint lacked starts silent (GROWABLE_FIELDS), so the function is the checkpoint's."""
     state = model.state_dict()
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values() if p))]
+    wrong = [k for k in missing if not k.startswith(tuple(p for _, p, _ in GROWABLE_FIELDS.values()))]
     if wrong or unexpected:
         raise ValueError(f"--init weights do not fit the model: {(wrong + list(unexpected))[:4]} "
                          "(missing or unexpected)")
